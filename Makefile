@@ -1,0 +1,27 @@
+# One place for the commands the README and CI use.
+PYTHON ?= python3
+# The CPU build of torch, pinned: an unpinned torch pulls the newest CUDA build (gigabytes).
+TORCH ?= torch==2.13.0
+
+.PHONY: install test lint unit bench-model bench-tokenizer
+
+install:
+	$(PYTHON) -m pip install --quiet $(TORCH)
+	$(PYTHON) -m pip install --quiet -e ".[dev]"
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+# The README's test command: set up, lint, run every test (unit and integration).
+test: install lint
+	$(PYTHON) -m pytest
+
+unit:
+	$(PYTHON) -m pytest -m "not slow"
+
+bench-model:
+	$(PYTHON) benchmarks/model_throughput.py
+
+bench-tokenizer:
+	$(PYTHON) benchmarks/tokenizer_throughput.py
