@@ -1,0 +1,238 @@
+"""Hugging Face interop: load ``transformers`` Perceiver checkpoints into our model and write ours
+in a form that ``transformers.PerceiverForMaskedLM`` / ``PerceiverForSequenceClassification`` load.
+
+The format is transformers' on-disk one: ``config.json`` plus ``model.safetensors`` (or sharded
+safetensors with an index, or a ``pytorch_model.bin`` read with ``weights_only=True``: a pickle is
+never executed). ``transformers`` itself is not imported here; tests check the files against it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from perceiver_core.config import PerceiverConfig
+from perceiver_core.model import PerceiverForMaskedLM, PerceiverForSequenceClassification
+from perceiver_core.tokenizer import ByteTokenizer
+
+log = logging.getLogger(__name__)
+
+PerceiverModel = PerceiverForMaskedLM | PerceiverForSequenceClassification
+
+# Suffixes inside one transformers PerceiverLayer -> ours (perceiver_core.model.Block).
+_LAYER_KEYS = {
+    "attention.self.layernorm1": "attn.q_norm",
+    "attention.self.layernorm2": "attn.kv_norm",
+    "attention.self.query": "attn.q",
+    "attention.self.key": "attn.k",
+    "attention.self.value": "attn.v",
+    "attention.output.dense": "attn.out",
+    "layernorm": "mlp_norm",
+    "mlp.dense1": "mlp.fc1",
+    "mlp.dense2": "mlp.fc2",
+}
+# Module prefixes: transformers -> ours. Order matters: the first match wins.
+_PREFIXES = (
+    ("perceiver.input_preprocessor.embeddings", "encoder.embed"),
+    ("perceiver.input_preprocessor.position_embeddings", "encoder.pos_embed"),
+    ("perceiver.embeddings.latents", "encoder.latents"),
+    ("perceiver.encoder.cross_attention", "encoder.cross"),
+    ("perceiver.encoder.self_attends", "encoder.layers"),
+    # Masked LM decoder (PerceiverBasicDecoder) and the tied-embedding bias.
+    ("perceiver.decoder.output_position_encodings.position_embeddings", "mlm_head.queries"),
+    ("perceiver.decoder.decoding_cross_attention", "mlm_head.block"),
+    ("embedding_decoder.bias", "mlm_head.bias"),
+    # Classification decoder (PerceiverClassificationDecoder wraps a PerceiverBasicDecoder).
+    ("perceiver.decoder.decoder.output_position_encodings.position_embeddings", "cls_head.query"),
+    ("perceiver.decoder.decoder.decoding_cross_attention", "cls_head.block"),
+    ("perceiver.decoder.decoder.final_layer", "cls_head.proj"),
+)
+_ARCHITECTURES = {
+    PerceiverForMaskedLM: "PerceiverForMaskedLM",
+    PerceiverForSequenceClassification: "PerceiverForSequenceClassification",
+}
+# transformers' defaults for keys a config.json may leave out (ours differ for qk/v channels).
+_HF_DEFAULTS: dict[str, object] = {"qk_channels": None, "v_channels": None}
+
+
+def _rename(
+    key: str, table: tuple[tuple[str, str], ...], layer_keys: Mapping[str, str]
+) -> str | None:
+    for src, dst in sorted(table, key=lambda p: -len(p[0])):  # longest prefix first
+        if key == src or key.startswith(src + "."):
+            rest = key[len(src) :]
+            m = re.match(r"^\.(\d+)(\..*)?$", rest)  # a layer index after the prefix
+            index, rest = (f".{m.group(1)}", m.group(2) or "") if m else ("", rest)
+            for s, d in sorted(layer_keys.items(), key=lambda p: -len(p[0])):
+                if rest.startswith("." + s + "."):
+                    rest = "." + d + rest[len(s) + 1 :]
+                    break
+            return dst + index + rest
+    return None
+
+
+def hf_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a transformers Perceiver state dict to ours. Unknown keys raise: a silent drop would
+    load a model with random weights where the user expects trained ones."""
+    out, unknown = {}, []
+    for key, value in state_dict.items():
+        new = _rename(key, _PREFIXES, _LAYER_KEYS)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    if unknown:
+        raise ValueError(f"not a text Perceiver checkpoint: unexpected keys {unknown[:5]}")
+    return out
+
+
+def ours_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    reverse = tuple((dst, src) for src, dst in _PREFIXES)
+    layer_reverse = {v: k for k, v in _LAYER_KEYS.items()}
+    out = {}
+    for key, value in state_dict.items():
+        new = _rename(key, reverse, layer_reverse)
+        if new is None:
+            raise ValueError(f"no transformers name for parameter {key!r}")
+        out[new] = value
+    return out
+
+
+def config_from_hf(values: Mapping[str, object]) -> PerceiverConfig:
+    """Our config from a transformers ``config.json`` dict; keys we do not model are ignored."""
+    ours = {f: values.get(f, _HF_DEFAULTS.get(f)) for f in PerceiverConfig.__dataclass_fields__}
+    ours = {k: v for k, v in ours.items() if v is not None or k in _HF_DEFAULTS}
+    if "id2label" in values:
+        ours["id2label"] = {int(k): v for k, v in dict(values["id2label"]).items()}
+        ours["num_labels"] = len(ours["id2label"])
+    return PerceiverConfig(**ours)
+
+
+def config_to_hf(config: PerceiverConfig, architecture: str) -> dict[str, object]:
+    """A ``config.json`` for transformers. The MLM decoder's attention shape is hard-coded there,
+    so configs that change it cannot be expressed."""
+    if (config.decoder_qk_channels, config.decoder_num_heads) != (256, 8):
+        log.warning(
+            "decoder_qk_channels=%d, decoder_num_heads=%d: transformers hard-codes 256 and 8, "
+            "so its PerceiverForMaskedLM cannot load this model's MLM head",
+            config.decoder_qk_channels,
+            config.decoder_num_heads,
+        )
+    values = config.to_dict()
+    values.update(
+        model_type="perceiver",
+        architectures=[architecture],
+        id2label={str(i): name for i, name in enumerate(config.label_names())},
+        label2id={name: i for i, name in enumerate(config.label_names())},
+        # Our LayerNorms use torch's default eps 1e-5, as transformers' Perceiver does in fact.
+        layer_norm_eps=1e-5,
+        perceiver_core={
+            "decoder_qk_channels": config.decoder_qk_channels,
+            "decoder_num_heads": config.decoder_num_heads,
+        },
+    )
+    for key in ("decoder_qk_channels", "decoder_num_heads", "num_labels"):
+        values.pop(key)
+    if config.problem_type is None:
+        values.pop("problem_type")
+    return values
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from a directory (safetensors, sharded safetensors, or pytorch_model.bin) or file."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+            if (path / name).exists():
+                return load_state_dict(path / name)
+        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
+    if path.name.endswith(".index.json"):
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        merged: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            merged.update(load_file(path.parent / shard))
+        return merged
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    # weights_only refuses arbitrary pickled objects: loading a checkpoint cannot run code.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_config(path: Path) -> tuple[PerceiverConfig, dict]:
+    raw = json.loads((path / "config.json").read_text())
+    extra = raw.get("perceiver_core", {})
+    cfg = config_from_hf(raw)
+    return (cfg.replace(**extra) if extra else cfg), raw
+
+
+def load_into(
+    model: PerceiverModel, state_dict: Mapping[str, torch.Tensor], *, strict: bool
+) -> None:
+    """Load a transformers- or ours-named state dict; heads absent from it stay freshly initialised
+    (an MLM checkpoint into a classifier), and that is logged — or an error when ``strict``."""
+    if any(k.startswith(("perceiver.", "embedding_decoder.")) for k in state_dict):
+        state_dict = hf_to_ours(state_dict)
+    own = model.state_dict()
+    # Drop the other task's head (a classifier checkpoint loaded as MLM, or the reverse).
+    foreign = [k for k in state_dict if k not in own and not k.startswith("encoder.")]
+    state_dict = {k: v for k, v in state_dict.items() if k not in foreign}
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"checkpoint has parameters the model lacks: {result.unexpected_keys[:5]}")
+    missing = result.missing_keys
+    if any(k.startswith("encoder.") for k in missing) or (strict and missing):
+        raise ValueError(f"checkpoint lacks parameters: {missing[:5]}")
+    if missing:
+        log.warning(
+            "newly initialised (not in the checkpoint): %s",
+            sorted({k.split(".")[0] for k in missing}),
+        )
+
+
+def from_pretrained(
+    cls: type[PerceiverModel],
+    path: str | Path,
+    *,
+    strict: bool = False,
+    **config_overrides: object,
+) -> PerceiverModel:
+    """Load a transformers-format directory (config.json + weights) into ``cls``.
+
+    ``config_overrides`` change the config before the model is built, for example ``num_labels=3``
+    for a classifier on top of an MLM checkpoint.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+    config, raw = _read_config(path)
+    if config_overrides:
+        if "num_labels" in config_overrides and "id2label" not in config_overrides:
+            config_overrides["id2label"] = {}
+        config = config.replace(**config_overrides)
+    model = cls(config)
+    load_into(model, load_state_dict(path), strict=strict)
+    log.info("loaded %s (%s) from %s", cls.__name__, raw.get("architectures"), path)
+    return model
+
+
+def save_pretrained(model: PerceiverModel, path: str | Path) -> Path:
+    """Write config.json, model.safetensors (transformers' names) and the tokenizer files."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    architecture = _ARCHITECTURES[type(model)]
+    config = config_to_hf(model.config, architecture)
+    state = {k: v.detach().contiguous().cpu() for k, v in ours_to_hf(model.state_dict()).items()}
+    # Write to temporary names and rename, so a crash never leaves a half-written model behind.
+    tmp_weights, tmp_config = path / "model.safetensors.tmp", path / "config.json.tmp"
+    save_file(state, str(tmp_weights), metadata={"format": "pt"})
+    tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tmp_weights.replace(path / "model.safetensors")
+    tmp_config.replace(path / "config.json")
+    ByteTokenizer().save_pretrained(path)
+    return path
