@@ -32,3 +32,27 @@ def shared_data() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One in-process Ray runtime (2 CPUs, no dashboard) shared by all tests that take it.
+
+    Started on first use and shut down at the end of the session. If Ray is already running
+    (another plugin or fixture started it), that runtime is used and left running.
+    """
+    import logging
+
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+# Fixtures of the training and tracking tests (tests/fixtures_train.py): a real MLflow server,
+# the tiny config's data index, tiny pretraining configs.
+pytest_plugins = ["fixtures_train"]

@@ -1,0 +1,98 @@
+"""Fine-tuning datasets on real Ray Data: IMDB and GLUE from the mirror, pairs, custom files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from data_fixtures import collect_ds, write_jsonl, write_parquet
+
+from perceiver_core.tokenizer import ByteTokenizer
+from pipelines.data import GLUE_TASKS, FinetuneDataConfig, finetune_dataset
+from pipelines.data.finetune import finetune_files
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def test_imdb_from_the_hub_layout_mirror(shared_data):
+    cfg = FinetuneDataConfig(task="imdb", data_dir=str(shared_data), max_length=512)
+    assert [f.relpath for f in finetune_files(cfg, "test")] == ["test.parquet"]
+    rows = collect_ds(finetune_dataset(cfg, "test"))
+    table = pq.read_table(shared_data / "imdb/test.parquet")
+    assert rows["input_ids"].shape == (2000, 512) and rows["input_ids"].dtype == np.uint16
+    assert rows["attention_mask"].dtype == np.uint8 and rows["label"].dtype == np.int64
+    np.testing.assert_array_equal(rows["label"], table.column("label").to_numpy())
+    want = ByteTokenizer()(
+        table.column("text").to_pylist()[:50],
+        padding="max_length",
+        truncation=True,
+        max_length=512,
+    )
+    np.testing.assert_array_equal(rows["input_ids"][:50], want["input_ids"])
+    np.testing.assert_array_equal(rows["attention_mask"][:50], want["attention_mask"])
+
+
+def test_glue_single_sentence_task(shared_data):
+    cfg = FinetuneDataConfig(task="glue/sst2", data_dir=str(shared_data), max_length=128)
+    assert cfg.columns() == GLUE_TASKS["sst2"]
+    rows = collect_ds(finetune_dataset(cfg, "validation"))
+    assert rows["input_ids"].shape == (872, 128)
+    assert set(rows["label"].tolist()) == {0, 1}
+    assert (rows["input_ids"][:, 0] == 4).all()  # [CLS]
+
+
+def test_pairs_are_joined_and_truncated_like_hf(tmp_path):
+    from transformers import PerceiverTokenizer
+
+    first = ["The cat sat.", "A much longer first sentence " * 5, "naïve café"]
+    second = ["It was tired.", "short", "über [SEP] literal"]
+    write_parquet(
+        tmp_path / "mrpc" / "train.parquet",
+        {"sentence1": first, "sentence2": second, "label": [1, 0, 1]},
+    )
+    cfg = FinetuneDataConfig(
+        task="glue/mrpc", path=str(tmp_path), files="{config}/{split}.parquet", max_length=40
+    )
+    rows = collect_ds(finetune_dataset(cfg, "train"))
+    hf = PerceiverTokenizer()(first, second, padding="max_length", truncation=True, max_length=40)
+    np.testing.assert_array_equal(rows["input_ids"], np.array(hf["input_ids"]))
+    np.testing.assert_array_equal(rows["attention_mask"], np.array(hf["attention_mask"]))
+
+
+def test_regression_labels_and_custom_json_columns(tmp_path):
+    write_jsonl(
+        tmp_path / "data" / "train-0.jsonl.gz",
+        [
+            {"review": "good", "other": "x", "score": 4.5},
+            {"review": None, "other": "y", "score": 1.0},
+        ],
+    )
+    cfg = FinetuneDataConfig(
+        task="files",
+        path=str(tmp_path / "data" / "*.jsonl.gz"),
+        text_column="review",
+        text_pair_column="other",
+        label_column="score",
+        num_labels=1,
+        max_length=16,
+    )
+    rows = collect_ds(finetune_dataset(cfg, "train"))
+    assert rows["label"].dtype == np.float32 and rows["label"].tolist() == [4.5, 1.0]
+    # A null text is an empty string: [CLS] [SEP] y [SEP]
+    assert rows["input_ids"][1, :4].tolist() == [4, 5, ord("y") + 6, 5]
+
+
+def test_missing_label_column_fails_naming_file_and_column(tmp_path):
+    path = write_parquet(tmp_path / "unlabelled.parquet", {"text": ["a", "b"]})
+    cfg = FinetuneDataConfig(task="files", path=str(path))
+    with pytest.raises(Exception, match=f"{path} has no column 'label'"):
+        finetune_dataset(cfg, "train").take_all()
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="task must be"):
+        FinetuneDataConfig(task="glue/nope")
+    with pytest.raises(ValueError, match="path must be set"):
+        FinetuneDataConfig(task="files")
+    with pytest.raises(ValueError, match="max_length"):
+        FinetuneDataConfig(max_length=2)
