@@ -70,21 +70,27 @@ class PackedCrops:
     """Crops of packed documents, one row per crop.
 
     input_ids: (N, crop_len) uint16 ids (byte + 6, ``[SEP]`` between documents if configured, PAD 0).
-    attention_mask: (N, crop_len) uint8, 1 on real tokens.
-    lengths: (N,) int32 real tokens per crop.
+    lengths: (N,) int32 real tokens per crop; ``attention_mask`` is derived from them on demand,
+        because most consumers store the length alone (a crop's real tokens are a prefix).
     group_index: (N,) int64 global group number, ``(first_doc_index + document position) //
         group_size``.
     crop_in_group: (N,) int32 position of the crop within its group, counting dropped crops too.
     """
 
     input_ids: np.ndarray
-    attention_mask: np.ndarray
     lengths: np.ndarray
     group_index: np.ndarray
     crop_in_group: np.ndarray
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    @property
+    def attention_mask(self) -> np.ndarray:
+        """(N, crop_len) uint8, 1 on real tokens."""
+        return (np.arange(self.input_ids.shape[1])[None, :] < self.lengths[:, None]).astype(
+            np.uint8
+        )
 
     def sample_ids(self, source: int = 0) -> np.ndarray:
         """A uint64 id per crop, unique across a source's stream: the key masking draws from.
@@ -184,13 +190,12 @@ def pack_documents(
     flat[dest[sep_before] - 1] = SEP
 
     keep = lengths >= cfg.min_fill * crop_len  # only a group's last crop can be short
-    input_ids = flat.reshape(n_crops, crop_len)[keep]
-    lengths = lengths[keep].astype(np.int32)
-    attention_mask = (np.arange(crop_len)[None, :] < lengths[:, None]).astype(np.uint8)
+    input_ids = flat.reshape(n_crops, crop_len)
+    if not keep.all():  # a boolean index copies: skip it when nothing is dropped (the usual case)
+        input_ids = input_ids[keep]
     return PackedCrops(
         input_ids=input_ids,
-        attention_mask=attention_mask,
-        lengths=lengths,
+        lengths=lengths[keep].astype(np.int32),
         group_index=(group_of_crop[keep] + first_doc_index // cfg.group_size).astype(np.int64),
         crop_in_group=crop_in_group[keep].astype(np.int32),
     )
