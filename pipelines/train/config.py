@@ -1,0 +1,229 @@
+"""The run config of MLM pretraining: one YAML file, every section a typed dataclass.
+
+    run:        name (the resume key), storage, seed, failures tolerated
+    model:      a perceiver_core preset plus field overrides
+    data:       pipelines.data's PretrainDataConfig (sources, packing, masking, split, mixture)
+    train:      workers, batch, ZeRO stage, precision, optimizer and schedule, logging cadence
+    eval:       validation cadence and size
+    checkpoint: checkpoint cadence, retention, which steps export a registered model
+    tracking:   MLflow (pipelines.tracking.config)
+    debug:      fault injection for tests (never set in real runs)
+
+``PretrainConfig.__post_init__`` checks what spans sections (crop length against the model's
+positions, LAMB against ZeRO), so a bad combination fails at load time on the driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from perceiver_core.config import PRESETS, PerceiverConfig, get_preset
+from pipelines.data.pretrain import PretrainDataConfig
+from pipelines.tracking.config import TrackingConfig
+from pipelines.train.optim import OptimizerConfig
+
+
+@dataclass
+class RunSection:
+    """name: Ray Train run name and MLflow run name. Submitting again with the same name resumes
+        from the run's last checkpoint, in the same MLflow run.
+    storage_path: where Ray Train keeps checkpoints (a local folder or ``s3://bucket/prefix``);
+        relative paths are taken from the driver's working directory.
+    seed: model initialisation and dropout (each rank adds its rank).
+    max_failures: worker failures survived by restarting from the last checkpoint.
+    """
+
+    name: str = "perceiver-mlm"
+    storage_path: str = "runs"
+    seed: int = 0
+    max_failures: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a non-empty name without '/', got {self.name!r}")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
+
+
+@dataclass
+class ModelSection:
+    """preset: a perceiver_core preset (``language-perceiver`` is the paper's 201M model).
+    overrides: PerceiverConfig fields to change, e.g. ``{max_position_embeddings: 256}``.
+    activation_checkpointing: recompute latent-layer activations in backward (less memory).
+    """
+
+    preset: str = "language-perceiver"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        known = {f.name for f in dataclasses.fields(PerceiverConfig)}
+        unknown = sorted(set(self.overrides) - known)
+        if unknown:
+            raise ValueError(
+                f"overrides.{unknown[0]}: unknown PerceiverConfig field; expected one of "
+                f"{sorted(known)}"
+            )
+        self.perceiver_config()  # PerceiverConfig's own checks, now rather than on a worker
+
+    def perceiver_config(self) -> PerceiverConfig:
+        return get_preset(self.preset, **self.overrides)
+
+
+@dataclass
+class TrainConfig:
+    """steps: optimizer steps of the whole run.
+    num_workers / use_gpu / cpus_per_worker: the Ray Train worker group; a worker drives one
+        device. Fractional CPUs leave cores to the Ray Data read tasks on small machines.
+    micro_batch_size: crops per worker per forward pass.
+    grad_accum_steps: micro-batches per optimizer step; a step sees
+        ``micro_batch_size * grad_accum_steps * num_workers`` crops.
+    zero_stage: DeepSpeed ZeRO stage (0: plain data parallel; 1-3 shard optimizer state, then
+        gradients, then weights).
+    precision: ``auto`` is bf16 where supported, else fp16.
+    grad_clip: global gradient-norm clipping (0 disables).
+    peak_flops_per_worker: the device's peak FLOP/s, the denominator of MFU (H100 bf16 dense:
+        989e12; a CPU core pair here: about 1e11).
+    log_every: steps between metric logs (each log averages the steps since the previous one).
+    report_every: steps between metric reports to Ray Train besides those that come with every
+        checkpoint (0: only those). A report is a barrier that waits for Ray Train's controller to
+        collect the previous one, which it polls every 2 s, so frequent reports stall training;
+        Ray Train keeps only the metrics reported with checkpoints anyway.
+    prefetch_batches: data batches each worker keeps ready.
+    data_buffer_mb: object-store memory the training stream may fill ahead of the workers. Ray
+        Data otherwise produces as far ahead as the object store allows, busying CPUs the
+        workers need (on a small machine) for crops needed only much later.
+    """
+
+    steps: int = 500_000
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    micro_batch_size: int = 64
+    grad_accum_steps: int = 1
+    zero_stage: int = 0
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    grad_clip: float = 1.0
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    peak_flops_per_worker: float = 989e12
+    log_every: int = 10
+    report_every: int = 0
+    prefetch_batches: int = 2
+    data_buffer_mb: int = 256
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "num_workers", "micro_batch_size", "grad_accum_steps", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        if self.peak_flops_per_worker <= 0:
+            raise ValueError("peak_flops_per_worker must be positive")
+        if self.report_every < 0:
+            raise ValueError(f"report_every must be >= 0, got {self.report_every}")
+        if self.data_buffer_mb < 1:
+            raise ValueError(f"data_buffer_mb must be >= 1, got {self.data_buffer_mb}")
+        if self.prefetch_batches < 0:
+            raise ValueError(f"prefetch_batches must be >= 0, got {self.prefetch_batches}")
+        if self.optimizer.name == "lamb" and self.zero_stage > 0:
+            raise ValueError(
+                "optimizer.name: lamb needs whole parameter tensors for its per-layer trust "
+                f"ratio, and ZeRO stage {self.zero_stage} hands the optimizer flat shards; use "
+                "zero_stage 0 with lamb, or optimizer.name adamw"
+            )
+
+    @property
+    def crops_per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.num_workers
+
+
+@dataclass
+class EvalSection:
+    """every: steps between validations on the held-out split (0: only at the end).
+    crops: held-out crops per validation (fewer if the split is smaller).
+    batch_size: crops per forward pass.
+    """
+
+    every: int = 1000
+    crops: int = 1024
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"every must be >= 0, got {self.every}")
+        if self.crops < 1 or self.batch_size < 1:
+            raise ValueError("crops and batch_size must be >= 1")
+
+
+@dataclass
+class CheckpointSection:
+    """every: steps between checkpoints (one is always written at the end).
+    keep: checkpoints kept in storage (oldest deleted first).
+    export_at: steps whose checkpoint is also exported as a registered model (the end always is).
+    """
+
+    every: int = 1000
+    keep: int = 3
+    export_at: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"every must be >= 1, got {self.every}")
+        if self.keep < 1:
+            raise ValueError(f"keep must be >= 1, got {self.keep}")
+        if any(step < 1 for step in self.export_at):
+            raise ValueError(f"export_at steps must be >= 1, got {self.export_at}")
+
+
+@dataclass
+class DebugSection:
+    """Fault injection for the failure tests. At ``pause_at_step`` every worker writes its PID to
+    ``marker_dir/rank<r>.pid`` (once per run: not again after a restart) and sleeps ``pause_s``,
+    giving a test the time to kill it."""
+
+    pause_at_step: int | None = None
+    pause_s: float = 60.0
+    marker_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pause_at_step is not None and not self.marker_dir:
+            raise ValueError("marker_dir must be set with pause_at_step")
+
+
+@dataclass
+class PretrainConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    debug: DebugSection = field(default_factory=DebugSection)
+
+    def __post_init__(self) -> None:
+        crop_len = self.data.packing.crop_len
+        positions = self.model.perceiver_config().max_position_embeddings
+        if crop_len > positions:
+            raise ValueError(
+                f"data.packing.crop_len ({crop_len}) exceeds the model's max_position_embeddings "
+                f"({positions}); set model.overrides.max_position_embeddings or a shorter crop"
+            )
+        late = [s for s in self.checkpoint.export_at if s > self.train.steps]
+        if late:
+            raise ValueError(
+                f"checkpoint.export_at: steps {late} are after the last step ({self.train.steps})"
+            )
+
+
+# Keys that do not change what is trained: left out of the config hash used for lineage.
+HASH_EXCLUDE = ("run.name", "run.storage_path", "tracking", "debug", "run.max_failures")

@@ -1,0 +1,153 @@
+"""Fixtures of the training and tracking tests: a real ``mlflow server`` on 127.0.0.1, the shared
+data index built once, and tiny pretraining configs. Loaded from conftest.py (``pytest_plugins``).
+
+The server runs as a subprocess in its own session; it is stopped by signalling that process
+group (the server and the web workers it forks), never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "jobs" / "configs" / "pretrain_tiny.yaml"
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """``mlflow server`` with an SQLite backend and a local artifact folder, on a fixed port so
+    that it can be stopped and started again at the same address."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root = root
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 (closed with the process)
+        self.process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"mlflow server exited: {(self.root / 'server.log').read_text()}"
+                )
+            if self.healthy():
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"mlflow server did not start in {timeout_s} s")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)  # the group this server leads
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.process = None
+        # The port must be free before a restart can bind it again.
+        deadline = time.monotonic() + 20
+        while self.healthy() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_data_index(ray_session, shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny config's data index over ../shared/data, built once for all training tests."""
+    from pipelines.config import load_config
+    from pipelines.data.index import build_index
+    from pipelines.train.config import PretrainConfig
+
+    cfg = load_config(PretrainConfig, TINY_CONFIG, [f"data.data_dir={shared_data}"])
+    path = tmp_path_factory.mktemp("index") / "data_index.json"
+    index = build_index(cfg.data)
+    path.write_text(index.to_json())
+    return path
+
+
+def tiny_config(
+    shared_data: Path,
+    storage: Path,
+    tracking_uri: str,
+    name: str,
+    overrides: Sequence[str] = (),
+    index: Path | None = None,
+):
+    """The shipped tiny config, pointed at test folders, a test server and a run name; with the
+    session's prebuilt data index copied into the run folder (what a resumed run would reuse)."""
+    from pipelines.config import load_config
+    from pipelines.train.config import PretrainConfig
+
+    base = [
+        f"run.name={name}",
+        f"run.storage_path={storage}",
+        f"data.data_dir={shared_data}",
+        f"tracking.tracking_uri={tracking_uri}",
+        "tracking.experiment=tests",
+        "tracking.close_timeout_s=60",
+    ]
+    cfg = load_config(PretrainConfig, TINY_CONFIG, [*base, *overrides])
+    if index is not None:
+        run_dir = storage / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "data_index.json").write_text(index.read_text())
+    return cfg

@@ -1,0 +1,263 @@
+"""The pieces of the training pipeline that need neither Ray nor a cluster: config checks, the
+schedule and LAMB, data-position bookkeeping, micro-batching, checkpoint state, metric maths."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from perceiver_core.config import get_preset
+from perceiver_core.model import PerceiverForMaskedLM
+from pipelines.config import ConfigError, config_hash, load_config
+from pipelines.train.checkpoint import ResumePointer, TrainState
+from pipelines.train.config import HASH_EXCLUDE, PretrainConfig
+from pipelines.train.data import DataPosition, MicroBatches
+from pipelines.train.engine import deepspeed_config, resolve_precision
+from pipelines.train.metrics import bits_per_byte, masked_lm_sums, validation_metrics
+from pipelines.train.optim import Lamb, OptimizerConfig, lr_factor, parameter_groups
+
+CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+def test_shipped_configs_load() -> None:
+    tiny = load_config(PretrainConfig, CONFIGS / "pretrain_tiny.yaml")
+    assert (tiny.train.num_workers, tiny.train.zero_stage, tiny.data.packing.crop_len) == (
+        2,
+        2,
+        128,
+    )
+    base = load_config(PretrainConfig, CONFIGS / "pretrain_base.yaml")
+    assert base.model.perceiver_config() == get_preset("language-perceiver")
+    assert (base.train.optimizer.name, base.train.optimizer.lr) == ("lamb", 1.25e-3)
+    assert base.train.crops_per_step == 512 and base.data.packing.crop_len == 2048
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.zero_stage=2", "train: optimizer.name: lamb needs whole parameter tensors"),
+        ("train.zero_stage=4", "train: zero_stage must be 0, 1, 2 or 3"),
+        ("train.optimizer.lr=0", "train.optimizer: lr must be positive"),
+        (
+            "train.precision=fp8",
+            "train.precision: expected one of ['auto', 'bf16', 'fp16', 'fp32']",
+        ),
+        ("model.preset=huge", "model: preset must be one of"),
+        ("model.overrides.d_modle=3", "model: overrides.d_modle: unknown PerceiverConfig field"),
+        ("data.packing.crop_len=4096", "data.packing.crop_len (4096) exceeds the model's"),
+        ("checkpoint.export_at=[600000]", "checkpoint.export_at: steps [600000] are after"),
+        ("train.optimiser.lr=1", "train.optimiser: unknown key; expected one of"),
+        ("debug.pause_at_step=3", "debug: marker_dir must be set with pause_at_step"),
+    ],
+)
+def test_bad_configs_fail_at_load_naming_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(PretrainConfig, CONFIGS / "pretrain_base.yaml", [override])
+    assert message in str(info.value)
+
+
+def test_config_hash_ignores_where_and_how_the_run_is_tracked() -> None:
+    a = load_config(PretrainConfig, CONFIGS / "pretrain_tiny.yaml")
+    b = load_config(
+        PretrainConfig,
+        CONFIGS / "pretrain_tiny.yaml",
+        ["run.name=other", "run.storage_path=/x", "tracking.experiment=e", "debug.pause_s=1"],
+    )
+    assert config_hash(a, HASH_EXCLUDE) == config_hash(b, HASH_EXCLUDE)
+    c = load_config(PretrainConfig, CONFIGS / "pretrain_tiny.yaml", ["train.optimizer.lr=1e-3"])
+    assert config_hash(a, HASH_EXCLUDE) != config_hash(c, HASH_EXCLUDE)
+
+
+# -- schedule and optimizer -----------------------------------------------------------------------
+
+
+def test_warmup_then_cosine() -> None:
+    cfg = OptimizerConfig(warmup_steps=10, min_lr_ratio=0.1)
+    factors = [lr_factor(s, 110, cfg) for s in range(111)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in itertools.pairwise(factors[:10]))
+    assert factors[10] == pytest.approx(1.0)
+    assert factors[60] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert factors[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
+    constant = OptimizerConfig(warmup_steps=0, schedule="constant")
+    assert {lr_factor(s, 50, constant) for s in range(50)} == {1.0}
+
+
+def test_lamb_scales_each_tensor_by_its_trust_ratio() -> None:
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    b = torch.nn.Parameter(torch.zeros(3))  # zero norm: ratio 1, so it still moves
+    start_w = w.detach().clone()
+    opt = Lamb(
+        [{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}], lr=0.01
+    )
+    grad_w, grad_b = torch.randn(4, 3), torch.randn(3)
+    w.grad, b.grad = grad_w.clone(), grad_b.clone()
+    opt.step()
+    # First step: m_hat = g, v_hat = g^2, so Adam's update is g / (|g| + eps), plus decay.
+    update = grad_w / (grad_w.abs() + 1e-6) + 0.1 * start_w
+    expected = start_w - 0.01 * (start_w.norm() / update.norm()) * update
+    torch.testing.assert_close(w.detach(), expected)
+    torch.testing.assert_close(b.detach(), -0.01 * grad_b / (grad_b.abs() + 1e-6))
+
+
+def test_lamb_trains_a_small_model_and_decay_skips_1d_tensors() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    groups = parameter_groups(model, 0.01)
+    assert [p.dim() for p in groups[0]["params"]] == [2, 2]
+    assert [p.dim() for p in groups[1]["params"]] == [1, 1] and groups[1]["weight_decay"] == 0.0
+    opt = Lamb(groups, lr=0.02)
+    x = torch.randn(256, 8)
+    y = x.sum(dim=1, keepdim=True)
+    losses = []
+    for _ in range(200):
+        loss = F.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.05 * losses[0]
+
+
+def test_deepspeed_config_and_precision() -> None:
+    cfg = deepspeed_config(
+        micro_batch_size=4,
+        grad_accum_steps=2,
+        world_size=3,
+        zero_stage=3,
+        precision="bf16",
+        grad_clip=1.0,
+    )
+    assert cfg["train_batch_size"] == 24
+    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+    assert cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    assert "optimizer" not in cfg and "scheduler" not in cfg
+    assert resolve_precision("auto", True) == "bf16"
+    assert resolve_precision("auto", False) == "fp16"
+    with pytest.raises(ValueError, match="bf16"):
+        resolve_precision("bf16", False)
+
+
+# -- data position and micro-batches --------------------------------------------------------------
+
+
+def test_data_position_tracks_a_prefix_and_stragglers() -> None:
+    p = DataPosition().advance(np.r_[np.arange(0, 100), np.arange(200, 300)])
+    assert p == DataPosition(100, ((200, 300),)) and p.consumed == 200
+    p = p.advance(np.r_[np.arange(350, 360), np.arange(100, 150)])
+    assert p == DataPosition(150, ((200, 300), (350, 360)))
+    p = p.advance(np.arange(150, 200))
+    assert p == DataPosition(300, ((350, 360),))
+    seen = p.seen(np.array([0, 299, 300, 349, 350, 359, 360]))
+    assert seen.tolist() == [True, True, False, False, True, True, False]
+    assert DataPosition.from_dict(p.to_dict()) == p
+    assert p.advance(np.zeros(0, dtype=np.int64)) == p
+
+
+def rows(positions: np.ndarray, crop_len: int = 8) -> dict[str, np.ndarray]:
+    n = len(positions)
+    ids = np.full((n, crop_len), 10, dtype=np.uint16)
+    labels = np.full((n, crop_len), -100, dtype=np.int16)
+    labels[:, 1] = 10
+    labels[::2, 2] = 10
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "length": np.full(n, crop_len - 1, dtype=np.uint16),
+        "masked": (labels != -100).sum(axis=1).astype(np.uint16),
+        "position": positions.astype(np.int64),
+    }
+
+
+def test_micro_batches_are_exact_skip_consumed_rows_and_record_positions() -> None:
+    batches = [rows(np.arange(a, b)) for a, b in [(0, 5), (5, 6), (6, 20), (20, 23)]]
+    skip = DataPosition(3, ((10, 12),))
+    stream = MicroBatches(iter(batches), size=4, skip=skip)
+    first = stream.next()
+    assert (
+        first.inputs["input_ids"].shape == (4, 8) and first.inputs["input_ids"].dtype == torch.int64
+    )
+    assert first.real_bytes == 4 * 7 and first.decoded == 2
+    assert first.inputs["attention_mask"][:, -1].tolist() == [False] * 4
+    second = stream.next()
+    assert stream.drain_consumed().tolist() == [3, 4, 5, 6, 7, 8, 9, 12]
+    assert second.masked == 6
+    stream.next()  # 13..16
+    stream.next()  # 17..20
+    assert stream.skipped == 5
+    with pytest.raises(EOFError, match="stream ended"):
+        stream.next()
+
+
+# -- checkpoint state -----------------------------------------------------------------------------
+
+
+def test_train_state_round_trips_and_refuses_other_versions() -> None:
+    state = TrainState(12, DataPosition(700, ((800, 810),)), "run", "hash", 2, 3)
+    assert TrainState.from_json(state.to_json()) == state
+    with pytest.raises(ValueError, match="checkpoint format 2"):
+        TrainState.from_json(state.to_json().replace('"format_version": 1', '"format_version": 2'))
+
+
+def test_resume_pointer_on_local_storage(tmp_path: Path) -> None:
+    pointer = ResumePointer(str(tmp_path / "runs" / "name"))
+    assert pointer.read() == 0
+    pointer.write(1234)
+    pointer.write(2345)
+    assert pointer.read() == 2345
+    assert sorted(p.name for p in (tmp_path / "runs" / "name").iterdir()) == ["resume_pointer.json"]
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+
+def test_validation_sums_match_the_model_loss() -> None:
+    torch.manual_seed(0)
+    model = PerceiverForMaskedLM(get_preset("tiny")).eval()
+    ids = torch.randint(6, 262, (3, 32))
+    labels = torch.full_like(ids, -100)
+    labels[0, :5], labels[1, 3:4], labels[2, 10:20] = ids[0, :5], ids[1, 3:4], ids[2, 10:20]
+    with torch.no_grad():
+        out = model(ids, labels=labels)
+    sums = masked_lm_sums(out.logits, out.positions, out.valid, labels)
+    assert sums[2].item() == 16
+    metrics = validation_metrics(sums)
+    assert metrics["val/loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+    assert metrics["val/bits_per_byte"] == pytest.approx(out.loss.item() / math.log(2), rel=1e-5)
+    assert 0.0 <= metrics["val/accuracy"] <= 1.0
+    assert bits_per_byte(math.log(256)) == pytest.approx(8.0)
+
+
+def test_the_job_rejects_a_bad_config_before_starting_anything() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.pretrain",
+            "--config",
+            str(CONFIGS / "pretrain_tiny.yaml"),
+            "--set",
+            "train.optimizer.lrr=1",
+        ],
+        cwd=CONFIGS.parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "train.optimizer.lrr: unknown key; expected one of" in done.stderr
+    assert "ray" not in done.stdout.lower()
