@@ -3,7 +3,7 @@ PYTHON ?= python3
 # The CPU build of torch, pinned: an unpinned torch pulls the newest CUDA build (gigabytes).
 TORCH ?= torch==2.13.0
 
-.PHONY: install test lint unit bench-model bench-tokenizer
+.PHONY: install demo test lint unit bench-model bench-tokenizer bench-data bench-train
 
 install:
 	$(PYTHON) -m pip install --quiet $(TORCH)
@@ -12,6 +12,11 @@ install:
 lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+
+# The README's first command: tiny MLM pretraining on the sample data, on an in-process Ray and an
+# SQLite MLflow store in the working directory (mlflow ui --backend-store-uri sqlite:///mlflow.db).
+demo: install
+	$(PYTHON) -m jobs.pretrain --config jobs/configs/pretrain_tiny.yaml
 
 # The README's test command: set up, lint, run every test (unit and integration).
 test: install lint
@@ -25,3 +30,9 @@ bench-model:
 
 bench-tokenizer:
 	$(PYTHON) benchmarks/tokenizer_throughput.py
+
+bench-data:
+	$(PYTHON) benchmarks/data_throughput.py
+
+bench-train:
+	$(PYTHON) benchmarks/train_overhead.py

@@ -1,0 +1,152 @@
+"""Pretraining end to end: real Ray Train with 2 workers, real DeepSpeed on CPU (ZeRO-2 and
+ZeRO-3), the shared sample data, and a real MLflow server; then the registered model."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures_train import tiny_config
+
+from perceiver_core.hf import from_pretrained
+from perceiver_core.model import PerceiverForMaskedLM
+from perceiver_core.tokenizer import ByteTokenizer
+from pipelines.train import run_pretraining
+
+pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
+
+STEPS = 60
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def trained(request, ray_session, shared_data, mlflow_server, tiny_data_index, tmp_path_factory):
+    stage = request.param
+    storage = tmp_path_factory.mktemp(f"runs-zero{stage}")
+    cfg = tiny_config(
+        shared_data,
+        storage,
+        mlflow_server.uri,
+        f"tiny-zero{stage}",
+        [
+            f"train.zero_stage={stage}",
+            f"train.steps={STEPS}",
+            "train.log_every=5",
+            "eval.every=20",
+            "checkpoint.every=30",
+        ],
+        index=tiny_data_index,
+    )
+    return stage, cfg, run_pretraining(cfg)
+
+
+def test_validation_loss_falls(trained, mlflow_server) -> None:
+    from mlflow import MlflowClient
+
+    _, _, result = trained
+    client = MlflowClient(mlflow_server.uri)
+    val = [(m.step, m.value) for m in client.get_metric_history(result.run_id, "val/loss")]
+    assert [step for step, _ in sorted(val)] == [20, 40, 60]
+    losses = [value for _, value in sorted(val)]
+    assert losses[-1] < losses[0] < math.log(262)  # below chance, and still falling
+    assert result.metrics["val/loss"] == pytest.approx(losses[-1])
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    # One logged value per logging step, and the throughput metrics alongside.
+    loss = client.get_metric_history(result.run_id, "train/loss")
+    assert sorted(m.step for m in loss) == list(range(5, STEPS + 1, 5))
+    for key in ("perf/mfu", "perf/bytes_per_s", "perf/data_wait_fraction", "train/grad_norm"):
+        assert key in run.data.metrics
+    assert 0 < run.data.metrics["perf/mfu"] < 1
+    # Parameters, the resolved config and the data sources with their digests.
+    assert run.data.params["train.zero_stage"] == str(trained[0])
+    assert run.data.tags["data.fingerprint"] == result.data_fingerprint
+    names = {d.dataset.name for d in run.inputs.dataset_inputs}
+    assert names == {"c4", "wikipedia"}
+
+
+def test_checkpoint_holds_every_rank_and_the_data_position(trained) -> None:
+    import json
+
+    _, cfg, result = trained
+    folder = Path(result.checkpoint_path)
+    state = json.loads((folder / "train_state.json").read_text())
+    assert state["step"] == STEPS and state["format_version"] == 1
+    crops = STEPS * cfg.train.crops_per_step
+    position = state["position"]
+    consumed = position["watermark"] + sum(b - a for a, b in position["extra"])
+    assert consumed == crops
+    assert sorted(p.name for p in (folder / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
+    shards = list((folder / "deepspeed" / f"step_{STEPS:08d}").glob("zero_pp_rank_*"))
+    assert len({p.name.split("_")[3] for p in shards}) == 2  # both ranks' ZeRO shards
+
+
+def test_registered_model_gives_the_trained_logits(trained, mlflow_server, tmp_path) -> None:
+    import mlflow
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    _, cfg, result = trained
+    assert result.registered_model is not None
+    # The trained weights, read from the DeepSpeed checkpoint by DeepSpeed's own converter.
+    trained_state = get_fp32_state_dict_from_zero_checkpoint(
+        str(Path(result.checkpoint_path) / "deepspeed"), tag=f"step_{STEPS:08d}"
+    )
+    reference = PerceiverForMaskedLM(cfg.model.perceiver_config()).eval()
+    reference.load_state_dict(trained_state)
+
+    text = ["The capital of France is Paris.", "Whole words are masked at random."]
+    ids = torch.as_tensor(
+        ByteTokenizer().encode(text, padding="max_length", max_length=128)["input_ids"]
+    )
+    with torch.no_grad():
+        expected = reference(ids, decode="all").logits
+
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    uri = result.registered_model.registry_uri
+    pipeline = mlflow.transformers.load_model(uri)
+    assert type(pipeline).__name__ == "FillMaskPipeline"
+    with torch.no_grad():
+        hf_logits = pipeline.model.eval()(input_ids=ids).logits
+    torch.testing.assert_close(hf_logits, expected, atol=1e-4, rtol=1e-4)
+
+    local = Path(mlflow.artifacts.download_artifacts(f"{uri}", dst_path=str(tmp_path)))
+    model_dir = next(p.parent for p in local.rglob("config.json"))
+    ours = from_pretrained(PerceiverForMaskedLM, model_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, decode="all").logits, expected, atol=1e-5, rtol=1e-5)
+
+    tags = (
+        mlflow.MlflowClient(mlflow_server.uri)
+        .get_model_version(result.registered_model.name, result.registered_model.version)
+        .tags
+    )
+    assert tags["lineage.run_id"] == result.run_id
+    assert tags["lineage.step"] == str(STEPS)
+    assert tags["lineage.data_fingerprint"] == result.data_fingerprint
+    assert tags["lineage.config_hash"] == result.config_hash
+    assert tags["lineage.code_version"]
+
+
+def test_a_stream_too_short_for_the_run_fails_on_the_driver(
+    shared_data, tiny_data_index, tmp_path
+) -> None:
+    from pipelines.data.index import DataIndex
+    from pipelines.train.pretrain import check_data
+
+    cfg = tiny_config(
+        shared_data,
+        tmp_path,
+        "http://unused",
+        "short",
+        ["data.mixture.stopping_strategy=all_exhausted", "data.mixture.max_crops=null"],
+    )
+    index = DataIndex.from_json(tiny_data_index.read_text())
+    with pytest.raises(
+        ValueError, match=r"data: the training stream has .* crops and the run needs"
+    ):
+        check_data(
+            tiny_config(shared_data, tmp_path, "http://unused", "short", ["train.steps=100000"]),
+            index,
+        )
+    assert check_data(cfg, index) == 256  # eval.crops, the held-out split being larger
