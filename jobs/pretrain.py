@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     ray.init()  # RAY_ADDRESS when set (ray job submit), else a local in-process cluster
+    # The training loop prints step, rate and ETA; Ray Data's per-operator bars, redrawn from every
+    # worker into one log, would bury them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     result = run_pretraining(cfg)
     summary = {
         "run_id": result.run_id,
