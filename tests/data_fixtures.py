@@ -6,6 +6,7 @@ runtime fixture ``ray_session`` lives in conftest.py.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 from collections.abc import Iterable, Sequence
@@ -17,7 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from perceiver_core.masking import IGNORE_INDEX
-from pipelines.data import MixtureConfig, PretrainDataConfig, SourceConfig, SplitConfig
+from pipelines.data import (
+    MixtureConfig,
+    PretrainDataConfig,
+    SourceConfig,
+    SplitConfig,
+    default_sources,
+)
 
 WORDS = [
     "the", "of", "data", "crop", "Perceiver", "byte", "mask", "ray", "stream", "über", "naïve",
@@ -52,15 +59,11 @@ def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> Path:
 
 
 def shared_config(data_dir: Path, **kwargs: Any) -> PretrainDataConfig:
-    """C4 + Wikipedia from the sample data, through the Hub paths and ``data_dir``."""
+    """The default C4 + Wikipedia mixture, read from the sample data through ``data_dir``; only the
+    Wikipedia snapshot differs (the sample is the 2015 dump)."""
     sources = [
-        SourceConfig(name="c4", path="hf://datasets/allenai/c4", config="en", weight=0.7),
-        SourceConfig(
-            name="wikipedia",
-            path="hf://datasets/wikimedia/wikipedia",
-            config="20150501.en",
-            weight=0.3,
-        ),
+        dataclasses.replace(s, config="20150501.en") if s.name == "wikipedia" else s
+        for s in default_sources()
     ]
     kwargs.setdefault("split", SplitConfig(validation_fraction=0.01))
     return PretrainDataConfig(sources=sources, data_dir=str(data_dir), **kwargs)
