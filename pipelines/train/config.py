@@ -52,11 +52,16 @@ class ModelSection:
     """preset: a perceiver_core preset (``language-perceiver`` is the paper's 201M model).
     overrides: PerceiverConfig fields to change, e.g. ``{max_position_embeddings: 256}``.
     activation_checkpointing: recompute latent-layer activations in backward (less memory).
+    init_from: start from trained weights instead of a fresh ``preset``: a registry URI
+        (``models:/perceiver-mlm@champion``), an MLflow run id, a checkpoint folder or a Hugging
+        Face format directory. Its config.json gives the shapes (``preset`` is then unused;
+        ``overrides`` still apply, e.g. dropout). Continued pretraining and MLM adaptation.
     """
 
     preset: str = "language-perceiver"
     overrides: dict[str, Any] = field(default_factory=dict)
     activation_checkpointing: bool = False
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -213,7 +218,8 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         crop_len = self.data.packing.crop_len
         positions = self.model.perceiver_config().max_position_embeddings
-        if crop_len > positions:
+        # With init_from the shapes come from the starting model; run_pretraining checks them.
+        if crop_len > positions and self.model.init_from is None:
             raise ValueError(
                 f"data.packing.crop_len ({crop_len}) exceeds the model's max_position_embeddings "
                 f"({positions}); set model.overrides.max_position_embeddings or a shorter crop"

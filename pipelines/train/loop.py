@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from perceiver_core.config import PerceiverConfig
 from perceiver_core.model import PerceiverForMaskedLM
 from pipelines.tracking.registry import Lineage, register_with_retry
 from pipelines.tracking.sink import MetricsSink, MlflowSink, MultiSink, build_sink
@@ -58,6 +59,8 @@ class WorkerJob:
     data_fingerprint: str
     code_version: str
     eval_crops: int
+    model_config: PerceiverConfig  # the preset's, or the starting model's (model.init_from)
+    init_dir: str | None = None  # starting weights as the driver sees them (HF directory)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -77,7 +80,7 @@ class PretrainWorker:
 
         self.job, self.cfg = job, job.cfg
         self.rank, self.world_size = rank, world_size
-        self.model_config = self.cfg.model.perceiver_config()
+        self.model_config = job.model_config
         self.engine, precision = self._build_engine()
         self.checkpointer = Checkpointer(self.engine, rank, ResumePointer(job.run_dir))
         state = self.checkpointer.restore(ray.train.get_checkpoint())
@@ -118,6 +121,8 @@ class PretrainWorker:
         # different dropout stream per rank.
         _seed(cfg.run.seed)
         model = PerceiverForMaskedLM(self.model_config)
+        if self.job.init_dir is not None:
+            _load_init(model, self.job)
         model.encoder.activation_checkpointing = cfg.model.activation_checkpointing
         _seed(cfg.run.seed + 1 + self.rank)
         precision = resolve_precision(cfg.train.precision, get_accelerator().is_bf16_supported())
@@ -335,6 +340,19 @@ class PretrainWorker:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(str(os.getpid()))
         time.sleep(debug.pause_s)
+
+
+def _load_init(model: PerceiverForMaskedLM, job: WorkerJob) -> None:
+    """Starting weights for continued pretraining or MLM adaptation (a classifier's encoder
+    keeps a fresh MLM head, which is logged)."""
+    from perceiver_core.hf import load_into, load_state_dict
+
+    folder = Path(job.init_dir or "")
+    if not (folder / "config.json").is_file():  # not visible on this node: fetch it here
+        from pipelines.tracking.models import resolve_model
+
+        folder = resolve_model(str(job.cfg.model.init_from), tracking_uri=job.tracking_uri).hf_dir
+    load_into(model, load_state_dict(folder), strict=False)
 
 
 def _gather_positions(local: np.ndarray, world_size: int) -> np.ndarray:

@@ -34,6 +34,7 @@ class OptimizerConfig:
         (1-D tensors) are not decayed, as is usual for transformers.
     warmup_steps: linear warm-up from 0 to ``lr`` over this many optimizer steps.
     schedule: ``cosine`` decays from ``lr`` to ``lr * min_lr_ratio`` at the last step;
+        ``linear`` does the same in a straight line (the usual fine-tuning schedule);
         ``constant`` stays at ``lr`` after warm-up.
     """
 
@@ -43,7 +44,7 @@ class OptimizerConfig:
     eps: float = 1e-6
     weight_decay: float = 0.01
     warmup_steps: int = 1000
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
@@ -144,8 +145,11 @@ def lr_factor(step: int, total_steps: int, cfg: OptimizerConfig) -> float:
         return 1.0
     span = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
+    if cfg.schedule == "linear":
+        decay = 1.0 - progress
+    else:
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
 
 
 def build_scheduler(

@@ -15,12 +15,14 @@ same even if files were added since).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from perceiver_core.config import PerceiverConfig
 from pipelines.config import config_hash, to_dict, to_yaml
 from pipelines.data.index import DataIndex, build_index
 from pipelines.data.pretrain import PretrainDataConfig, plan_stream
@@ -58,6 +60,7 @@ def run_pretraining(cfg: PretrainConfig, *, workdir: Path | None = None) -> Pret
     eval_crops = check_data(cfg, index)
     digest = config_hash(cfg, exclude=HASH_EXCLUDE)
     target = runs.resolve_tracking(cfg.tracking.tracking_uri, workdir)
+    model_config, init_dir = resolve_model_config(cfg, target.tracking_uri)
     client = runs.client_for(target)
     run_id = _open_run(client, target, cfg, index, digest)
     job = WorkerJob(
@@ -69,6 +72,8 @@ def run_pretraining(cfg: PretrainConfig, *, workdir: Path | None = None) -> Pret
         data_fingerprint=index.fingerprint,
         code_version=registry.code_version(),
         eval_crops=eval_crops,
+        model_config=model_config,
+        init_dir=init_dir,
     )
     trainer = _trainer(cfg, job, index, run_dir)
     try:
@@ -78,6 +83,28 @@ def run_pretraining(cfg: PretrainConfig, *, workdir: Path | None = None) -> Pret
         raise
     runs.finish_run(client, run_id)
     return _result(cfg, job, result, client)
+
+
+def resolve_model_config(
+    cfg: PretrainConfig, tracking_uri: str
+) -> tuple[PerceiverConfig, str | None]:
+    """The model's shapes and, with ``model.init_from``, the local folder of its starting weights.
+    A missing or unreadable starting model fails here, before any worker starts."""
+    if cfg.model.init_from is None:
+        return cfg.model.perceiver_config(), None
+    from perceiver_core.hf import config_from_hf
+    from pipelines.tracking.models import resolve_model
+
+    resolved = resolve_model(cfg.model.init_from, tracking_uri=tracking_uri)
+    values = json.loads((resolved.hf_dir / "config.json").read_text())
+    config = config_from_hf(values).replace(**cfg.model.overrides)
+    if cfg.data.packing.crop_len > config.max_position_embeddings:
+        raise ValueError(
+            f"data.packing.crop_len ({cfg.data.packing.crop_len}) exceeds the starting model's "
+            f"max_position_embeddings ({config.max_position_embeddings}) ({cfg.model.init_from})"
+        )
+    log.info("starting from %s (%s)", cfg.model.init_from, resolved.hf_dir)
+    return config, str(resolved.hf_dir)
 
 
 def storage_root(storage_path: str, workdir: Path) -> str:
