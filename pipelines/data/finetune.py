@@ -56,6 +56,19 @@ GLUE_TASKS: dict[str, TaskColumns] = {
 }
 _IMDB = TaskColumns("text", None, "label", 2)
 
+# Label names by label id, from the datasets' cards (regression tasks have none).
+TASK_LABELS: dict[str, tuple[str, ...]] = {
+    "imdb": ("neg", "pos"),
+    "glue/cola": ("unacceptable", "acceptable"),
+    "glue/sst2": ("negative", "positive"),
+    "glue/mrpc": ("not_equivalent", "equivalent"),
+    "glue/qqp": ("not_duplicate", "duplicate"),
+    "glue/mnli": ("entailment", "neutral", "contradiction"),
+    "glue/qnli": ("entailment", "not_entailment"),
+    "glue/rte": ("entailment", "not_entailment"),
+    "glue/wnli": ("not_entailment", "entailment"),
+}
+
 
 @dataclass
 class FinetuneDataConfig:
@@ -68,6 +81,8 @@ class FinetuneDataConfig:
         ``path`` with ``{split}`` and ``{config}`` substituted, the file format).
     text_column / text_pair_column / label_column / num_labels: override the task's (for ``files``
         the defaults are ``text``, no pair, ``label``, 2).
+    label_names: names of the labels in id order (default: the task's, from its dataset card;
+        ``LABEL_0``... for files); they become the model's ``id2label``.
     max_length: the model's input length; longer texts are truncated, shorter ones padded.
     data_dir: local mirror of the Hub, as for pretraining.
     """
@@ -81,6 +96,7 @@ class FinetuneDataConfig:
     text_pair_column: str | None = None
     label_column: str | None = None
     num_labels: int | None = None
+    label_names: list[str] | None = None
     max_length: int = MODEL_MAX_LENGTH
     data_dir: str | None = None
 
@@ -96,6 +112,18 @@ class FinetuneDataConfig:
             raise ValueError(f"max_length must be an integer >= 4, got {self.max_length!r}")
         if self.num_labels is not None and self.num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {self.num_labels!r}")
+        if self.label_names is not None and len(self.label_names) != self.columns().num_labels:
+            raise ValueError(
+                f"label_names: {len(self.label_names)} names for {self.columns().num_labels} labels"
+            )
+
+    def label_name_list(self) -> list[str]:
+        """The label names in id order ([] for regression)."""
+        n = self.columns().num_labels
+        if n == 1:
+            return []
+        names = self.label_names or list(TASK_LABELS.get(self.task, ()))
+        return names if len(names) == n else [f"LABEL_{i}" for i in range(n)]
 
     def columns(self) -> TaskColumns:
         """The task's columns with this config's overrides applied."""
@@ -128,6 +156,31 @@ def finetune_files(cfg: FinetuneDataConfig, split: str) -> list[FileRef]:
     return list_files(
         path, config=config, split=split, files=cfg.files, format=cfg.format, data_dir=cfg.data_dir
     )
+
+
+def check_columns(cfg: FinetuneDataConfig, split: str) -> None:
+    """Fail now, on the driver, if the split has no files or its first file lacks the text or
+    label columns (``MissingColumnError`` naming the file and column), rather than in a read task
+    once training has started."""
+    refs = finetune_files(cfg, split)
+    if not refs:
+        path, config = cfg.location()
+        raise DataError(f"{path} (config {config}, split {split!r}): no files found")
+    columns = cfg.columns()
+    texts = [c for c in (columns.text, columns.pair) if c is not None]
+    for rows in read_batches(refs[0], [*texts, columns.label], texts):
+        encode_rows(refs[0].url, rows.table.slice(0, 16), columns, 16)
+        break
+
+
+def read_labelled(cfg: FinetuneDataConfig, split: str) -> Iterator[dict[str, np.ndarray]]:
+    """The rows of a split in this process, in file order (no Ray): for evaluation sets small
+    enough to read in one place."""
+    columns = cfg.columns()
+    texts = [c for c in (columns.text, columns.pair) if c is not None]
+    for ref in finetune_files(cfg, split):
+        for rows in read_batches(ref, [*texts, columns.label], texts):
+            yield encode_rows(ref.url, rows.table, columns, cfg.max_length)
 
 
 def finetune_dataset(cfg: FinetuneDataConfig, split: str = "train") -> ray.data.Dataset:
