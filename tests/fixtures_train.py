@@ -151,3 +151,22 @@ def tiny_config(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "data_index.json").write_text(index.read_text())
     return cfg
+
+
+@pytest.fixture(scope="session")
+def pretrained(ray_session, shared_data, mlflow_server, tiny_data_index, tmp_path_factory):
+    """The shipped tiny pretraining config, shortened; registered as perceiver-mlm."""
+    from pipelines.train import run_pretraining
+
+    storage = tmp_path_factory.mktemp("ft-pretrain")
+    cfg = tiny_config(
+        shared_data,
+        storage,
+        mlflow_server.uri,
+        "ft-pretrain",
+        ["train.steps=100", "eval.every=50", "checkpoint.every=50"],
+        index=tiny_data_index,
+    )
+    result = run_pretraining(cfg)
+    assert result.registered_model is not None
+    return result.registered_model.registry_uri

@@ -1,0 +1,61 @@
+"""Fine-tuning job: a recipe of stages from a pretrained model to a registered classifier.
+
+    ray job submit --working-dir . -- python -m jobs.finetune --config jobs/configs/finetune_imdb_tiny.yaml
+    python -m jobs.finetune --config jobs/configs/finetune_imdb_tiny.yaml --set init=models:/perceiver-mlm/3
+
+Runs on the cluster ``RAY_ADDRESS`` names (set by ``ray job submit``), else on an in-process Ray.
+Submitting again with the same ``run.name`` skips finished stages and resumes the interrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipelines.config import ConfigError, add_config_arguments, config_from_args
+from pipelines.data.readers import DataError
+from pipelines.train.finetune import run_finetune
+from pipelines.train.finetune_config import FinetuneConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.finetune", description=__doc__.split("\n")[0]
+    )
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(FinetuneConfig, args)
+    except (ConfigError, OSError) as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    import ray
+
+    from pipelines.tracking.models import ModelSourceError
+
+    ray.init()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        result = run_finetune(cfg)
+    except (ModelSourceError, DataError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)  # checked before any training started
+        return 2
+    summary = {
+        "run_id": result.run_id,
+        result.metric: result.score,
+        "stages": {s.stage: s.metrics for s in result.stages},
+        "model": result.registered.registry_uri if result.registered else None,
+        "promoted": result.promotion.promoted if result.promotion else None,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

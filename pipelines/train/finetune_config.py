@@ -1,0 +1,241 @@
+"""The run config of fine-tuning: a starting model, a labelled task, and a recipe of stages.
+
+    run:        name (the resume key of every stage), storage, seed, failures tolerated
+    init:       the starting model: a registry URI (``models:/perceiver-mlm@champion``), an MLflow
+                run id, a checkpoint folder or a Hugging Face format directory
+    init_kind:  what ``init`` must be: ``mlm`` (a pretrained masked-LM), or ``classifier`` to go on
+                fine-tuning a classifier (its head is kept when the task has as many labels)
+    data:       pipelines.data's FinetuneDataConfig (task, files, columns, max_length)
+    stages:     the recipe, run in order, each from the previous stage's best weights:
+                ``mlm`` adapts the encoder to the task's own text (masked-LM, as pretraining),
+                ``classify`` trains the classifier (optionally with the encoder frozen)
+    train:      the Ray Train worker group and the DeepSpeed settings shared by the stages
+    register:   the result's registered model (``perceiver-<task>``) and its alias
+    tracking:   MLflow (tracking_uri, experiment)
+
+The paper's GLUE recipe is one ``classify`` stage of 10 epochs with lr in {1e-4, 5e-5, 2e-5, 1e-5},
+200 warm-up steps and batch {16, 32, 64}; its IMDB result came from MLM adaptation on IMDB and then
+full fine-tuning (``jobs/configs/finetune_imdb.yaml``). ``sweep`` on a classify stage runs that grid
+as parallel trials and keeps the best.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipelines.data.finetune import FinetuneDataConfig
+from pipelines.tracking.config import TrackingConfig
+from pipelines.train.optim import OptimizerConfig
+
+
+@dataclass
+class FinetuneRunSection:
+    """name: the run's resume key. Stage ``s`` trains as Ray Train run ``<name>-<s>`` and MLflow run
+        of the same name; submitting again with the same name skips finished stages and resumes
+        the one that was interrupted from its last checkpoint.
+    storage_path: where Ray Train keeps checkpoints and each stage's best weights (a local folder
+        or ``s3://bucket/prefix``).
+    seed: classifier-head initialisation, dropout and the per-epoch shuffle.
+    max_failures: worker failures survived per stage by restarting from the last checkpoint.
+    """
+
+    name: str = "perceiver-finetune"
+    storage_path: str = "runs"
+    seed: int = 0
+    max_failures: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a non-empty name without '/', got {self.name!r}")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
+
+
+@dataclass
+class SweepConfig:
+    """A grid over a classify stage: every (lr, batch_size) pair is a trial, run in parallel on
+    the cluster (``max_concurrent`` at a time, 0: all); the trial with the best validation score
+    continues the recipe. Empty lists keep the stage's own value."""
+
+    lr: list[float] = field(default_factory=list)
+    batch_size: list[int] = field(default_factory=list)
+    max_concurrent: int = 0
+
+    def __post_init__(self) -> None:
+        if any(lr <= 0 for lr in self.lr):
+            raise ValueError(f"lr values must be positive, got {self.lr}")
+        if any(b < 1 for b in self.batch_size):
+            raise ValueError(f"batch_size values must be >= 1, got {self.batch_size}")
+        if self.max_concurrent < 0:
+            raise ValueError(f"max_concurrent must be >= 0, got {self.max_concurrent}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.lr or self.batch_size)
+
+
+@dataclass
+class StageConfig:
+    """One stage of the recipe.
+
+    name: the stage's label (part of its run name: ``<run.name>-<name>``).
+    kind: ``classify`` or ``mlm`` (masked-LM adaptation on the task's training text).
+    epochs: classify: passes over the training split (the stage may stop earlier, see patience).
+    steps: mlm: optimizer steps.
+    batch_size: examples (classify) or crops (mlm) per optimizer step over all workers; must be a
+        multiple of ``train.num_workers``.
+    optimizer: AdamW by default, with the paper's fine-tuning warm-up; ``schedule: linear``.
+    freeze_encoder: classify: train only the classification head (a linear probe of the encoder).
+    patience: classify: stop after this many evaluations without improving the task's metric
+        (0: never stop early). The best evaluation's weights are the stage's result either way.
+    eval_every_steps: classify: also evaluate (and checkpoint) every N steps within an epoch (0:
+        at the end of each epoch only).
+    crop_len / mask_probability: mlm: crop length in bytes (at most the model's positions) and the
+        share of words masked.
+    sweep: classify: a learning-rate x batch-size grid run as parallel trials.
+    """
+
+    name: str = "finetune"
+    kind: Literal["classify", "mlm"] = "classify"
+    epochs: int = 10
+    steps: int = 1000
+    batch_size: int = 32
+    optimizer: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(
+            name="adamw", lr=5e-5, weight_decay=0.01, warmup_steps=200, schedule="linear"
+        )
+    )
+    freeze_encoder: bool = False
+    patience: int = 0
+    eval_every_steps: int = 0
+    crop_len: int = 2048
+    mask_probability: float = 0.15
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a non-empty name without '/', got {self.name!r}")
+        for key in ("epochs", "steps", "batch_size", "crop_len"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.patience < 0 or self.eval_every_steps < 0:
+            raise ValueError("patience and eval_every_steps must be >= 0")
+        if not 0.0 < self.mask_probability < 1.0:
+            raise ValueError(f"mask_probability must be in (0, 1), got {self.mask_probability}")
+        if self.kind == "mlm" and (self.sweep.enabled or self.freeze_encoder):
+            raise ValueError("sweep and freeze_encoder apply to classify stages only")
+
+
+@dataclass
+class FinetuneTrainSection:
+    """The worker group and the engine, shared by all stages.
+
+    strategy: ``deepspeed`` (ZeRO ``zero_stage`` 0-3) or ``ddp`` (torch DistributedDataParallel
+        through Ray Train; zero_stage must be 0).
+    precision: as for pretraining (``auto`` is bf16 where supported).
+    eval_batch_size: examples per forward pass in evaluation, per worker.
+    log_every: optimizer steps between training-metric logs.
+    """
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    strategy: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero_stage: int = 0
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    grad_clip: float = 1.0
+    eval_batch_size: int = 64
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1 or self.eval_batch_size < 1 or self.log_every < 1:
+            raise ValueError("num_workers, eval_batch_size and log_every must be >= 1")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.strategy == "ddp" and self.zero_stage:
+            raise ValueError("zero_stage must be 0 with strategy ddp (ZeRO is DeepSpeed's)")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class FinetuneSplits:
+    """train / eval: the task's split names. ``eval`` unset: ``validation`` for GLUE
+    (``validation_matched`` for MNLI) and files, ``test`` for IMDB (which has no validation
+    split)."""
+
+    train: str = "train"
+    eval: str | None = None
+
+    def eval_split(self, task: str) -> str:
+        if self.eval:
+            return self.eval
+        if task == "imdb":
+            return "test"
+        return "validation_matched" if task == "glue/mnli" else "validation"
+
+
+@dataclass
+class RegisterSection:
+    """What happens to the result (the last stage's best weights).
+
+    enabled: log it to MLflow as a text-classification model and register a new version.
+    name: the registered model (default ``perceiver-<task>``).
+    promote: compare the new version with the ``champion`` on the task's metric: it becomes the
+        champion if it is at least as good (or there is none), else the ``challenger``. Off: it
+        only becomes the challenger.
+    """
+
+    enabled: bool = True
+    name: str | None = None
+    promote: bool = True
+
+
+@dataclass
+class FinetuneConfig:
+    run: FinetuneRunSection = field(default_factory=FinetuneRunSection)
+    init: str = "models:/perceiver-mlm@champion"
+    init_kind: Literal["mlm", "classifier"] = "mlm"
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    splits: FinetuneSplits = field(default_factory=FinetuneSplits)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    train: FinetuneTrainSection = field(default_factory=FinetuneTrainSection)
+    register: RegisterSection = field(default_factory=lambda: RegisterSection())
+    tracking: TrackingConfig = field(
+        default_factory=lambda: TrackingConfig(experiment="perceiver-finetune")
+    )
+
+    def __post_init__(self) -> None:
+        if not self.init:
+            raise ValueError("init: name the starting model (registry URI, run, folder)")
+        if not self.stages:
+            raise ValueError("stages: the recipe needs at least one stage")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stages: names must be unique, got {names}")
+        if self.stages[-1].kind != "classify":
+            raise ValueError("stages: the last stage must be a classify stage (it is registered)")
+        workers = self.train.num_workers
+        for i, stage in enumerate(self.stages):
+            sizes = stage.sweep.batch_size or [stage.batch_size]
+            bad = [b for b in sizes if b % workers]
+            if bad:
+                raise ValueError(
+                    f"stages.{i}.batch_size: {bad} not a multiple of train.num_workers ({workers})"
+                )
+            if stage.crop_len > self.data.max_length and stage.kind == "mlm":
+                raise ValueError(
+                    f"stages.{i}.crop_len ({stage.crop_len}) exceeds data.max_length "
+                    f"({self.data.max_length}), the model's input length"
+                )
+
+    @property
+    def registered_model(self) -> str:
+        """``register.name``, else ``perceiver-<task>`` (``perceiver-imdb``, ``perceiver-sst2``)."""
+        return self.register.name or "perceiver-" + self.data.task.removeprefix("glue/")
+
+
+HASH_EXCLUDE = ("run.name", "run.storage_path", "tracking", "run.max_failures")
