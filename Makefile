@@ -13,10 +13,11 @@ lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
-# The README's first command: tiny MLM pretraining on the sample data, on an in-process Ray and an
-# SQLite MLflow store in the working directory (mlflow ui --backend-store-uri sqlite:///mlflow.db).
+# The README's first command: the demo pipeline end to end (pretrain, fine-tune on IMDB, evaluate,
+# promote, predict from the registry) on an in-process Ray and an SQLite MLflow store in the
+# working directory (mlflow ui --backend-store-uri sqlite:///mlflow.db).
 demo: install
-	$(PYTHON) -m jobs.pretrain --config jobs/configs/pretrain_tiny.yaml
+	$(PYTHON) -m jobs.pipeline --config jobs/configs/demo.yaml
 
 # The README's test command: set up, lint, run every test (unit and integration).
 test: install lint

@@ -279,7 +279,13 @@ def metric_tag(client: Any, name: str, version: str, metric: str) -> float | Non
 
 
 def promote(
-    client: Any, name: str, version: str | int, *, metric: str, higher_is_better: bool
+    client: Any,
+    name: str,
+    version: str | int,
+    *,
+    metric: str,
+    higher_is_better: bool,
+    scores: tuple[float, float | None] | None = None,
 ) -> PromotionDecision:
     """Make ``version`` the champion if it scores at least as well as the current one on
     ``metric`` (its ``metric.<metric>`` tag), else the challenger; the decision is recorded on it.
@@ -290,14 +296,19 @@ def promote(
     has no compare-and-set on aliases); run them from one scheduler.
     """
     version = str(version)
-    score = metric_tag(client, name, version, metric)
+    # scores: (candidate, champion) measured together on one fixed evaluation set (the
+    # retraining pipeline's evaluate stage) instead of the metrics tagged at registration.
+    score = scores[0] if scores is not None else metric_tag(client, name, version, metric)
     if score is None or math.isnan(score):
         raise ValueError(
             f"models:/{name}/{version} has no usable tag metric.{metric} ({score}); register it "
             "with Lineage(metrics=...)"
         )
     champion = get_alias(client, name, CHAMPION)
-    champion_score = None if champion is None else metric_tag(client, name, champion, metric)
+    if scores is not None:
+        champion_score = scores[1] if champion is not None else None
+    else:
+        champion_score = None if champion is None else metric_tag(client, name, champion, metric)
     if champion == version:
         return PromotionDecision(True, version, champion, score, champion_score)
     if champion is not None and champion_score is None:
@@ -331,3 +342,12 @@ def promote(
         champion_score,
     )
     return PromotionDecision(promoted, version, champion, score, champion_score)
+
+
+def parse_version_uri(uri: str) -> tuple[str, str]:
+    """``models:/NAME/VERSION`` -> (NAME, VERSION); other forms are refused (an alias moves)."""
+    body = uri.removeprefix("models:/")
+    name, _, version = body.rpartition("/")
+    if not uri.startswith("models:/") or not name or not version.isdigit():
+        raise ValueError(f"{uri!r} is not a registered version URI (models:/NAME/VERSION)")
+    return name, version

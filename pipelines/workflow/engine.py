@@ -213,7 +213,13 @@ class _Driver:
         problems = []
         for stage in self.plan:
             run = children.get(stage.name)
-            if run is None or run.info.status != "FINISHED":
+            # FINISHED without outputs: the stage's own work closed the run (a training job
+            # finishes the run it logs to) but the task died before storing its outputs.
+            if (
+                run is None
+                or run.info.status != "FINISHED"
+                or state.TAG_OUTPUTS not in run.data.tags
+            ):
                 continue
             before = run.data.tags.get(state.TAG_STAGE_HASH)
             rerun = [u for u in stage.config.upstream() if u not in reuse]
