@@ -194,6 +194,10 @@ def finetune_dataset(cfg: FinetuneDataConfig, split: str = "train") -> ray.data.
         _tokenize_files,
         batch_size=1,
         fn_kwargs={"columns": cfg.columns(), "max_length": cfg.max_length},
+        # Tokenizing runs at ~100 MB/s, so a read task is mostly I/O: a quarter CPU each lets it
+        # start beside training workers that hold fractional CPUs (sweep trials in parallel on a
+        # small machine would otherwise leave no whole CPU free, and wait forever).
+        num_cpus=0.25,
     )
     ds.context.execution_options.preserve_order = True  # this dataset's own context
     return ds

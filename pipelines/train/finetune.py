@@ -262,8 +262,11 @@ def _sweep_stage(
         "batch_size": tune.grid_search(sweep.batch_size or [stage.batch_size]),
     }
     metric = primary_metric(ctx.cfg.data.task, ctx.cfg.data.columns().num_labels)
+    trial = tune.with_parameters(_trial, ctx=ctx, stage=stage, source=source, parent=run_id)
     tuner = tune.Tuner(
-        tune.with_parameters(_trial, ctx=ctx, stage=stage, source=source, parent=run_id),
+        # A trial only drives its Ray Train run, whose workers ask for their own CPUs; a trial
+        # holding Tune's default whole CPU would starve them on a small cluster.
+        tune.with_resources(trial, {"cpu": 0.001}),
         param_space=grid,
         tune_config=tune.TuneConfig(
             metric="score",

@@ -1,0 +1,179 @@
+"""Fine-tuning recipes: MLM adaptation on the task's text -> a frozen-encoder stage -> full
+fine-tuning, each from the previous stage's best weights; and a learning-rate grid run as
+parallel Ray Tune trials, keeping the best. Short stages: these check the plumbing, not accuracy
+(tests/test_finetune.py checks that)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_finetune import finetune_config
+
+from perceiver_core.hf import load_state_dict
+
+pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
+
+
+def _encoder(folder: str) -> dict[str, torch.Tensor]:
+    weights = load_state_dict(Path(folder))
+    return {k: v for k, v in weights.items() if "decoder" not in k}
+
+
+def test_stages_chain_from_each_previous_best(pretrained, shared_data, mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipelines.train.finetune import run_finetune
+
+    cfg = finetune_config(
+        shared_data,
+        tmp_path,
+        mlflow_server.uri,
+        "recipe",
+        f"init={pretrained}",
+        "data.max_length=128",
+        "register.enabled=false",
+        "stages=["
+        "{name: adapt, kind: mlm, steps: 20, batch_size: 16, crop_len: 128},"
+        "{name: probe, kind: classify, freeze_encoder: true, epochs: 1, batch_size: 32,"
+        " optimizer: {name: adamw, lr: 0.001, warmup_steps: 10}},"
+        "{name: full, kind: classify, epochs: 1, batch_size: 32,"
+        " optimizer: {name: adamw, lr: 0.0003, warmup_steps: 10}}]",
+    )
+    result = run_finetune(cfg)
+    adapt, probe, full = result.stages
+    assert [s.kind for s in result.stages] == ["mlm", "classify", "classify"]
+    assert result.registered is None
+    client = MlflowClient(mlflow_server.uri)
+    # Each stage's run records what it started from: the previous stage's weights.
+    starts = [client.get_run(s.run_id).data.tags["finetune.init"] for s in result.stages]
+    assert starts == [pretrained, adapt.weights, probe.weights]
+    for stage in result.stages:
+        run = client.get_run(stage.run_id)
+        assert run.data.tags["mlflow.parentRunId"] == result.run_id
+        assert run.info.status == "FINISHED"
+    # The adaptation changed the encoder; the frozen stage kept it exactly; full fine-tuning moved it.
+    from pipelines.tracking.models import resolve_model
+
+    start = _encoder(str(resolve_model(pretrained, tracking_uri=mlflow_server.uri).hf_dir))
+    adapted, probed, tuned = (_encoder(s.weights) for s in result.stages)
+    key = "perceiver.encoder.cross_attention.attention.self.query.weight"
+    assert not torch.equal(start[key], adapted[key])
+    for name, value in adapted.items():
+        if name.startswith("perceiver."):
+            assert torch.equal(value, probed[name]), name
+    assert not torch.equal(probed[key], tuned[key])
+    assert full.metrics["accuracy"] == result.score
+
+
+def test_sweep_runs_the_grid_as_parallel_trials_and_keeps_the_best(
+    pretrained, shared_data, mlflow_server, tmp_path
+) -> None:
+    from mlflow import MlflowClient
+
+    from pipelines.train.finetune import run_finetune
+
+    cfg = finetune_config(
+        shared_data,
+        tmp_path,
+        mlflow_server.uri,
+        "sweep",
+        f"init={pretrained}",
+        "data.max_length=128",
+        "register.enabled=false",
+        "train.num_workers=1",
+        "stages.0.epochs=1",
+        "stages.0.sweep.lr=[0.001,0.0001]",
+        "stages.0.sweep.batch_size=[32]",
+    )
+    result = run_finetune(cfg)
+    client = MlflowClient(mlflow_server.uri)
+    stage_run = client.get_run(result.stages[0].run_id)
+    scores = {
+        key: value
+        for key, value in stage_run.data.metrics.items()
+        if key.startswith("sweep/") and key.endswith("/accuracy")
+    }
+    assert set(scores) == {"sweep/lr0.001-bs32/accuracy", "sweep/lr0.0001-bs32/accuracy"}
+    assert result.score == max(scores.values())
+    best = stage_run.data.tags["sweep.best"]
+    assert best in {"sweep-classify-lr0.001-bs32", "sweep-classify-lr0.0001-bs32"}
+    trials = client.search_runs(
+        [stage_run.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{stage_run.info.run_id}'",
+    )
+    assert sorted(t.info.run_name for t in trials) == sorted(
+        ["sweep-classify-lr0.001-bs32", "sweep-classify-lr0.0001-bs32"]
+    )
+    # Parallel trials: each started before the other ended.
+    (a, b) = sorted(trials, key=lambda t: t.info.start_time)
+    assert b.info.start_time < a.info.end_time
+
+
+def test_ddp_strategy_trains_and_resumes_like_deepspeed(
+    pretrained, shared_data, mlflow_server, tmp_path
+) -> None:
+    """strategy ddp: torch DistributedDataParallel under Ray Train, 2 workers (gloo)."""
+    from pipelines.train.finetune import run_finetune
+
+    cfg = finetune_config(
+        shared_data,
+        tmp_path,
+        mlflow_server.uri,
+        "ddp",
+        f"init={pretrained}",
+        "data.max_length=128",
+        "register.enabled=false",
+        "train.strategy=ddp",
+        "train.zero_stage=0",
+        "stages.0.epochs=1",
+        "stages.0.batch_size=32",
+    )
+    result = run_finetune(cfg)
+    (stage,) = result.stages
+    assert stage.step == 5000 // 32  # one epoch of whole global batches
+    weights = load_state_dict(Path(stage.weights))
+    start = _encoder(str(_resolve(pretrained, mlflow_server.uri)))
+    key = "perceiver.encoder.cross_attention.attention.self.query.weight"
+    assert not torch.equal(weights[key], start[key])
+    assert 0.0 <= result.score <= 1.0
+
+
+def _resolve(uri: str, tracking_uri: str) -> Path:
+    from pipelines.tracking.models import resolve_model
+
+    return resolve_model(uri, tracking_uri=tracking_uri).hf_dir
+
+
+def test_early_stopping_keeps_the_best_evaluation(
+    pretrained, shared_data, mlflow_server, tmp_path
+) -> None:
+    """With a learning rate too small to change anything, the score never improves after the first
+    evaluation: patience 1 stops the stage after the second of three epochs, and its result is the
+    first evaluation's weights."""
+    from mlflow import MlflowClient
+
+    from pipelines.train.finetune import run_finetune
+
+    cfg = finetune_config(
+        shared_data,
+        tmp_path,
+        mlflow_server.uri,
+        "patience",
+        f"init={pretrained}",
+        "data.max_length=64",
+        "register.enabled=false",
+        "stages.0.epochs=3",
+        "stages.0.batch_size=64",
+        "stages.0.patience=1",
+        "stages.0.optimizer.lr=1e-9",
+        "stages.0.optimizer.warmup_steps=0",
+    )
+    result = run_finetune(cfg)
+    (stage,) = result.stages
+    per_epoch = 5000 // 64
+    assert stage.step == per_epoch  # the best (first) evaluation's weights
+    client = MlflowClient(mlflow_server.uri)
+    evals = client.get_metric_history(stage.run_id, "eval/accuracy")
+    assert sorted(m.step for m in evals) == [per_epoch, 2 * per_epoch]  # no third epoch
