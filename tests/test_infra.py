@@ -38,6 +38,7 @@ from typing import Any
 
 import pytest
 import yaml
+from local_services import clean_env, exports, free_ports, run, script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INFRA = REPO_ROOT / "infra"
@@ -48,7 +49,12 @@ OLDEST_K8S = "1.30"
 RAY_IMAGE_REPO = "registry.example.com/perceiver/perceiver-ray"
 PROJECT_JOBS = {"jobs.pretrain", "jobs.finetune", "jobs.pipeline", "jobs.retrain"}
 # The config class each entry point loads (`config_from_args(<class>, args)` in jobs/*.py).
-JOB_CONFIGS = {"jobs.pretrain": ("pipelines.train", "PretrainConfig")}
+JOB_CONFIGS = {
+    "jobs.pretrain": ("pipelines.train", "PretrainConfig"),
+    "jobs.finetune": ("pipelines.train.finetune_config", "FinetuneConfig"),
+    "jobs.pipeline": ("pipelines.workflow", "PipelineConfig"),
+    "jobs.retrain": ("pipelines.workflow", "PipelineConfig"),
+}
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
@@ -74,10 +80,6 @@ def kv() -> Any:
     except ImportError:
         _unavailable("kubernetes-validate")
     return kubernetes_validate
-
-
-def run(command: list[str], timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
 def tool(name: str) -> str:
@@ -728,33 +730,6 @@ def test_shell_scripts_pass_shellcheck(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------- local scripts
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("0.0.0.0", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without Ray or MLflow settings a developer may have exported."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    return {**env, **extra}
-
-
-def script(name: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = clean_env(PYTHON=sys.executable)
-    return run(["bash", str(LOCAL / name), *args], env=env, timeout=timeout)
-
-
-def exports(state: Path) -> dict[str, str]:
-    text = (state / "env.sh").read_text()
-    return dict(re.findall(r"^export (\w+)=(\S+)", text, re.M))
 
 
 def http_status(url: str, headers: dict | None = None, data: bytes | None = None) -> int:
