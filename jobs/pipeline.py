@@ -28,29 +28,10 @@ from pipelines.workflow.stages import KINDS, DataUnavailable, resolve_data_dir, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.pipeline", description=__doc__.split("\n")[0]
-    )
-    add_config_arguments(parser)
-    parser.add_argument("--data-dir", help="local mirror of the Hub datasets (default: DATA_DIR)")
-    parser.add_argument(
-        "--storage-path",
-        help="checkpoints of every training stage: a folder or s3:// URI (default: each config's)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(PipelineConfig, args.config, args.overrides)
-        data_dir = resolve_data_dir(args.data_dir or os.environ.get("DATA_DIR"))
-        cfg = with_locations(
-            cfg, data_dir=data_dir, storage_path=absolute_location(args.storage_path)
-        )
-        plan_pipeline(cfg, KINDS)
-    except (ConfigError, OSError, DataUnavailable) as error:
-        print(f"error: {error}", file=sys.stderr)
+    loaded = pipeline_from_args("python -m jobs.pipeline", __doc__.split("\n")[0], argv)
+    if loaded is None:
         return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    cfg, data_dir = loaded
     logging.getLogger("pipelines").info("data: %s", data_dir or "the Hugging Face Hub")
 
     import ray
@@ -66,6 +47,35 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(summary(result, cfg))
     return 0
+
+
+def pipeline_from_args(
+    prog: str, description: str, argv: list[str] | None
+) -> tuple[PipelineConfig, str | None] | None:
+    """The pipeline of ``--config``/``--set``, reading data from ``--data-dir``/``DATA_DIR`` (or
+    the default places) and keeping checkpoints under ``--storage-path``, checked against the
+    stage kinds; None (after printing the reason) when it cannot run."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_config_arguments(parser)
+    parser.add_argument("--data-dir", help="local mirror of the Hub datasets (default: DATA_DIR)")
+    parser.add_argument(
+        "--storage-path",
+        help="checkpoints of every training stage: a folder or s3:// URI (default: each config's)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(PipelineConfig, args.config, args.overrides)
+        data_dir = resolve_data_dir(args.data_dir or os.environ.get("DATA_DIR"))
+        storage = absolute_location(args.storage_path)
+        cfg = with_locations(cfg, data_dir=data_dir, storage_path=storage)
+        plan_pipeline(cfg, KINDS)
+    except (ConfigError, OSError, DataUnavailable) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return cfg, data_dir
 
 
 def summary(result: PipelineResult, cfg: PipelineConfig) -> str:

@@ -13,42 +13,19 @@ The champion must exist (run ``jobs.pipeline`` first): without one the job stops
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import sys
 
-from jobs.pipeline import absolute_location, summary
-from pipelines.config import ConfigError, add_config_arguments, load_config
-from pipelines.workflow import PipelineConfig, PipelineError, run_pipeline
-from pipelines.workflow.plan import plan_pipeline
-from pipelines.workflow.stages import KINDS, DataUnavailable, resolve_data_dir, with_locations
+from jobs.pipeline import pipeline_from_args, summary
+from pipelines.workflow import PipelineError, run_pipeline
+from pipelines.workflow.stages import KINDS
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.retrain", description=__doc__.split("\n")[0]
-    )
-    add_config_arguments(parser)
-    parser.add_argument("--data-dir", help="local mirror of the Hub datasets (default: DATA_DIR)")
-    parser.add_argument(
-        "--storage-path",
-        help="checkpoints of every training stage: a folder or s3:// URI (default: each config's)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(PipelineConfig, args.config, args.overrides)
-        data_dir = resolve_data_dir(args.data_dir or os.environ.get("DATA_DIR"))
-        cfg = with_locations(
-            cfg, data_dir=data_dir, storage_path=absolute_location(args.storage_path)
-        )
-        plan_pipeline(cfg, KINDS)
-    except (ConfigError, OSError, DataUnavailable) as error:
-        print(f"error: {error}", file=sys.stderr)
+    loaded = pipeline_from_args("python -m jobs.retrain", __doc__.split("\n")[0], argv)
+    if loaded is None:
         return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    cfg, _ = loaded
 
     from pipelines.workflow.retrain import RetrainError, check_champions, retrain_run_name
 

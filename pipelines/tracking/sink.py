@@ -29,7 +29,10 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from pipelines.tracking.config import TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,17 @@ def build_sink(rank: int, make: Callable[[], MetricsSink]) -> MetricsSink:
 
 class MlflowSink:
     """Buffered, resumable metric logging into one MLflow run (see the module docstring)."""
+
+    @classmethod
+    def from_config(cls, run_id: str, tracking_uri: str, cfg: TrackingConfig) -> MlflowSink:
+        return cls(
+            run_id,
+            tracking_uri,
+            buffer_size=cfg.buffer_size,
+            flush_interval_s=cfg.flush_interval_s,
+            outage_report_s=cfg.outage_report_s,
+            close_timeout_s=cfg.close_timeout_s,
+        )
 
     def __init__(
         self,

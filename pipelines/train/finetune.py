@@ -135,9 +135,8 @@ def data_fingerprint(data: FinetuneDataConfig, split: str) -> str:
 def _run_stage(ctx: _Context, stage: StageConfig, source: str) -> StageResult:
     """One stage, or its stored result when it finished before (a resubmitted run)."""
     run_name = f"{ctx.cfg.run.name}-{stage.name}"
-    found = runs.find_run(ctx.client, ctx.experiment, run_name)
-    if found is not None and found.info.status == "FINISHED" and RESULT_TAG in found.data.tags:
-        result = StageResult(**json.loads(found.data.tags[RESULT_TAG]))
+    result = _finished(ctx, run_name)
+    if result is not None:
         log.info("stage %s finished before (%s); skipping it", stage.name, result.metrics)
         return result
     tags = {
@@ -161,6 +160,14 @@ def _run_stage(ctx: _Context, stage: StageConfig, source: str) -> StageResult:
     ctx.client.set_tag(run_id, RESULT_TAG, json.dumps(asdict(result)))
     runs.finish_run(ctx.client, run_id)
     return result
+
+
+def _finished(ctx: _Context, run_name: str) -> StageResult | None:
+    """The stored result of the stage or trial run ``run_name``, if it finished."""
+    found = runs.find_run(ctx.client, ctx.experiment, run_name)
+    if found is None or found.info.status != "FINISHED" or RESULT_TAG not in found.data.tags:
+        return None
+    return StageResult(**json.loads(found.data.tags[RESULT_TAG]))
 
 
 def classifier_config(cfg: FinetuneConfig, weights: Path) -> PerceiverConfig:
@@ -296,10 +303,8 @@ def _trial(config: dict[str, Any], *, ctx: _Context, stage: StageConfig, source:
     lr, batch = float(config["lr"]), int(config["batch_size"])
     trial_stage = replace(stage, batch_size=batch, optimizer=replace(stage.optimizer, lr=lr))
     name = f"{ctx.cfg.run.name}-{stage.name}-lr{lr:g}-bs{batch}"
-    found = runs.find_run(ctx.client, ctx.experiment, name)
-    if found is not None and found.info.status == "FINISHED" and RESULT_TAG in found.data.tags:
-        result = StageResult(**json.loads(found.data.tags[RESULT_TAG]))
-    else:
+    result = _finished(ctx, name)
+    if result is None:
         tags = {"mlflow.parentRunId": parent, "finetune.trial": name}
         run_id, _ = runs.start_or_resume_run(ctx.client, ctx.experiment, name, tags)
         ctx.client.log_param(run_id, "lr", lr)

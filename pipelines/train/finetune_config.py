@@ -26,30 +26,8 @@ from typing import Literal
 
 from pipelines.data.finetune import FinetuneDataConfig
 from pipelines.tracking.config import TrackingConfig
+from pipelines.train.config import RunSection
 from pipelines.train.optim import OptimizerConfig
-
-
-@dataclass
-class FinetuneRunSection:
-    """name: the run's resume key. Stage ``s`` trains as Ray Train run ``<name>-<s>`` and MLflow run
-        of the same name; submitting again with the same name skips finished stages and resumes
-        the one that was interrupted from its last checkpoint.
-    storage_path: where Ray Train keeps checkpoints and each stage's best weights (a local folder
-        or ``s3://bucket/prefix``).
-    seed: classifier-head initialisation, dropout and the per-epoch shuffle.
-    max_failures: worker failures survived per stage by restarting from the last checkpoint.
-    """
-
-    name: str = "perceiver-finetune"
-    storage_path: str = "runs"
-    seed: int = 0
-    max_failures: int = 1
-
-    def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ValueError(f"name must be a non-empty name without '/', got {self.name!r}")
-        if self.max_failures < -1:
-            raise ValueError(f"max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
 
 
 @dataclass
@@ -196,7 +174,10 @@ class RegisterSection:
 
 @dataclass
 class FinetuneConfig:
-    run: FinetuneRunSection = field(default_factory=FinetuneRunSection)
+    # The pretraining section: name is the resume key of every stage (stage s trains as Ray Train
+    # run and MLflow run "<name>-<s>"; a resubmitted recipe skips finished stages and resumes the
+    # interrupted one), seed also fixes the classifier head and the per-epoch shuffle.
+    run: RunSection = field(default_factory=lambda: RunSection(name="perceiver-finetune"))
     init: str = "models:/perceiver-mlm@champion"
     init_kind: Literal["mlm", "classifier"] = "mlm"
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)

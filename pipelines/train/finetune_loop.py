@@ -191,15 +191,7 @@ class ClassifyWorker:
         return state
 
     def _make_sink(self) -> MetricsSink:
-        t = self.job.tracking
-        return MlflowSink(
-            self.job.run_id,
-            self.job.tracking_uri,
-            buffer_size=t.buffer_size,
-            flush_interval_s=t.flush_interval_s,
-            outage_report_s=t.outage_report_s,
-            close_timeout_s=t.close_timeout_s,
-        )
+        return MlflowSink.from_config(self.job.run_id, self.job.tracking_uri, self.job.tracking)
 
     # -- the loop --------------------------------------------------------------------------------
 

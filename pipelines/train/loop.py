@@ -139,14 +139,8 @@ class PretrainWorker:
         return engine, precision
 
     def _make_sink(self) -> MetricsSink:
-        t = self.cfg.tracking
-        mlflow_sink = MlflowSink(
-            self.job.run_id,
-            self.job.tracking_uri,
-            buffer_size=t.buffer_size,
-            flush_interval_s=t.flush_interval_s,
-            outage_report_s=t.outage_report_s,
-            close_timeout_s=t.close_timeout_s,
+        mlflow_sink = MlflowSink.from_config(
+            self.job.run_id, self.job.tracking_uri, self.cfg.tracking
         )
         return MultiSink(ConsoleSink(self.cfg.train.steps, self.step), mlflow_sink)
 
