@@ -96,8 +96,10 @@ def test_registered_model_gives_the_trained_logits(trained, mlflow_server, tmp_p
     reference.load_state_dict(trained_state)
 
     text = ["The capital of France is Paris.", "Whole words are masked at random."]
+    # transformers' MLM decodes every position the model has, so the input fills them all.
+    length = cfg.model.perceiver_config().max_position_embeddings
     ids = torch.as_tensor(
-        ByteTokenizer().encode(text, padding="max_length", max_length=128)["input_ids"]
+        ByteTokenizer().encode(text, padding="max_length", max_length=length)["input_ids"]
     )
     with torch.no_grad():
         expected = reference(ids, decode="all").logits
