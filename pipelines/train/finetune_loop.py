@@ -46,6 +46,7 @@ from pipelines.train.finetune_data import (
     read_rows,
     steps_per_epoch,
 )
+from pipelines.train.metrics import duration
 from pipelines.train.task_metrics import primary_metric, task_metrics
 
 log = logging.getLogger(__name__)
@@ -241,8 +242,12 @@ class ClassifyWorker:
         self.sink.log(self.state.step, metrics)
         if self.rank == 0:
             epoch = self.state.step / self.per_epoch
+            # ETA at the latest rate, evaluations and checkpoints included in it.
+            left = (
+                (self.total - self.state.step) * self.stage.batch_size / max(examples_per_s, 1e-9)
+            )
             progress.info(
-                "%s | step %d/%d (epoch %.2f/%d) | loss %.4f | lr %.2e | %.1f examples/s",
+                "%s | step %d/%d (epoch %.2f/%d) | loss %.4f | lr %.2e | %.1f examples/s | ETA %s",
                 self.stage.name,
                 self.state.step,
                 self.total,
@@ -251,6 +256,7 @@ class ClassifyWorker:
                 metrics["train/loss"],
                 metrics["train/lr"],
                 examples_per_s,
+                duration(left),
             )
 
     # -- evaluation, best weights, checkpoints ---------------------------------------------------

@@ -173,7 +173,7 @@ class ConsoleSink:
         if done > 0:
             rate = done / elapsed
             parts.append(f"{rate:.2f} steps/s")
-            parts.append(f"ETA {_duration((self.total_steps - step) / rate)}")
+            parts.append(f"ETA {duration((self.total_steps - step) / rate)}")
         # A logger, not print: Ray Train routes a worker's print through its own logging and
         # echoes it as well, which shows every line twice.
         progress.info(" | ".join(parts))
@@ -193,7 +193,7 @@ def _si(value: float) -> str:
     return f"{value:.1f} P"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
