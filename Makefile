@@ -3,7 +3,7 @@ PYTHON ?= python3
 # The CPU build of torch, pinned: an unpinned torch pulls the newest CUDA build (gigabytes).
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint unit bench-model bench-tokenizer bench-data bench-train
+.PHONY: install demo test lint unit bench-model bench-tokenizer bench-data bench-train bench-finetune
 
 install:
 	$(PYTHON) -m pip install --quiet $(TORCH)
@@ -37,3 +37,6 @@ bench-data:
 
 bench-train:
 	$(PYTHON) benchmarks/train_overhead.py
+
+bench-finetune:
+	$(PYTHON) benchmarks/finetune_throughput.py
