@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init()
     ray.data.DataContext.get_current().enable_progress_bars = False
+    return run_and_report(cfg)
+
+
+def run_and_report(cfg: PipelineConfig) -> int:
+    """Run the pipeline on the connected Ray; print its summary; the exit code."""
     try:
         result = run_pipeline(cfg, KINDS)
     except PipelineError as error:

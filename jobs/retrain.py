@@ -16,9 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from jobs.pipeline import pipeline_from_args, summary
-from pipelines.workflow import PipelineError, run_pipeline
-from pipelines.workflow.stages import KINDS
+from jobs.pipeline import pipeline_from_args, run_and_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,15 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.pipeline.run_name == "auto":
         cfg.pipeline.run_name = retrain_run_name(cfg)  # indexes the data (on Ray)
     logging.getLogger("pipelines").info("retraining run %s", cfg.pipeline.run_name)
-    try:
-        result = run_pipeline(cfg, KINDS)
-    except PipelineError as error:
-        if error.result is not None:
-            print(summary(error.result, cfg), file=sys.stderr)
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(summary(result, cfg))
-    return 0
+    return run_and_report(cfg)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -147,13 +148,20 @@ def _run_stage(ctx: _Context, stage: StageConfig, source: str) -> StageResult:
     run_id, _ = runs.start_or_resume_run(ctx.client, ctx.experiment, run_name, tags)
     runs.log_params(ctx.client, run_id, runs.flatten(to_dict(stage), "stage."))
     log.info("stage %s (%s) from %s", stage.name, stage.kind, source)
+    if stage.kind == "mlm":
+        work = _mlm_stage
+    elif stage.sweep.enabled:
+        work = _sweep_stage
+    else:
+        work = run_classify
+    return _recorded(ctx, run_id, lambda: work(ctx, stage, source, run_name, run_id))
+
+
+def _recorded(ctx: _Context, run_id: str, work: Callable[[], StageResult]) -> StageResult:
+    """``work()`` as the MLflow run ``run_id``: FAILED if it raises, else its result stored on the
+    run (what ``_finished`` reads back) and the run FINISHED."""
     try:
-        if stage.kind == "mlm":
-            result = _mlm_stage(ctx, stage, source, run_name, run_id)
-        elif stage.sweep.enabled:
-            result = _sweep_stage(ctx, stage, source, run_name, run_id)
-        else:
-            result = run_classify(ctx, stage, source, run_name, run_id)
+        result = work()
     except BaseException:
         runs.finish_run(ctx.client, run_id, "FAILED")
         raise
@@ -309,13 +317,9 @@ def _trial(config: dict[str, Any], *, ctx: _Context, stage: StageConfig, source:
         run_id, _ = runs.start_or_resume_run(ctx.client, ctx.experiment, name, tags)
         ctx.client.log_param(run_id, "lr", lr)
         ctx.client.log_param(run_id, "batch_size", batch)
-        try:
-            result = run_classify(ctx, trial_stage, source, name, run_id)
-        except BaseException:
-            runs.finish_run(ctx.client, run_id, "FAILED")
-            raise
-        ctx.client.set_tag(run_id, RESULT_TAG, json.dumps(asdict(result)))
-        runs.finish_run(ctx.client, run_id)
+        result = _recorded(
+            ctx, run_id, lambda: run_classify(ctx, trial_stage, source, name, run_id)
+        )
     metric = primary_metric(ctx.cfg.data.task, ctx.cfg.data.columns().num_labels)
     tune.report({"score": result.metrics[metric.name], "result": asdict(result)})
 
