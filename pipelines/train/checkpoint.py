@@ -136,6 +136,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def save_worker_state(engine: Any, root: Path, subdir: str, step: int, rank: int) -> None:
+    """This rank's part of a checkpoint folder: the engine's state (DeepSpeed, or the DDP engine
+    of pipelines.train.ddp) under ``root/subdir`` tagged ``step_N``, and its RNG states."""
+    engine.save_checkpoint(str(root / subdir), tag=f"step_{step:08d}")
+    (root / "rng").mkdir(exist_ok=True)
+    torch.save(rng_state(), root / "rng" / f"rank_{rank:05d}.pt")
+
+
+def load_worker_state(engine: Any, root: Path, subdir: str, step: int, rank: int) -> bool:
+    """Load what ``save_worker_state`` wrote into a freshly built engine and this process's RNGs;
+    False when the folder has no RNG state for this rank (a checkpoint of fewer workers)."""
+    tag = f"step_{step:08d}"
+    path, _ = engine.load_checkpoint(str(root / subdir), tag=tag)
+    if path is None:
+        raise RuntimeError(f"the engine found no checkpoint {tag} in {root / subdir}")
+    rng = root / "rng" / f"rank_{rank:05d}.pt"
+    if not rng.exists():
+        return False
+    set_rng_state(torch.load(rng, weights_only=False))
+    return True
+
+
 class Checkpointer:
     """Saves and restores one worker's part of a checkpoint, and keeps the resume pointer."""
 
@@ -155,14 +177,7 @@ class Checkpointer:
         with checkpoint.as_directory() as folder:
             root = Path(folder)
             state = TrainState.from_json((root / STATE_FILE).read_text())
-            tag = f"step_{state.step:08d}"
-            path, _ = self.engine.load_checkpoint(str(root / "deepspeed"), tag=tag)
-            if path is None:
-                raise RuntimeError(f"DeepSpeed found no checkpoint {tag} in {root}")
-            rng = root / "rng" / f"rank_{self.rank:05d}.pt"
-            if rng.exists():
-                set_rng_state(torch.load(rng, weights_only=False))
-            else:
+            if not load_worker_state(self.engine, root, "deepspeed", state.step, self.rank):
                 log.warning(
                     "no RNG state for rank %d in the checkpoint; keeping a fresh seed", self.rank
                 )
@@ -189,12 +204,9 @@ class Checkpointer:
         from perceiver_core.hf import save_pretrained
         from perceiver_core.model import PerceiverForMaskedLM
 
-        tag = f"step_{state.step:08d}"
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
             root = Path(tmp)
-            self.engine.save_checkpoint(str(root / "deepspeed"), tag=tag)
-            (root / "rng").mkdir()
-            torch.save(rng_state(), root / "rng" / f"rank_{self.rank:05d}.pt")
+            save_worker_state(self.engine, root, "deepspeed", state.step, self.rank)
             if self.rank == 0:
                 (root / STATE_FILE).write_text(state.to_json())
                 if hf_state is not None:

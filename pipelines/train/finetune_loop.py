@@ -31,7 +31,7 @@ from perceiver_core.config import PerceiverConfig
 from perceiver_core.model import PerceiverForSequenceClassification
 from pipelines.tracking.config import TrackingConfig
 from pipelines.tracking.sink import MetricsSink, MlflowSink, build_sink
-from pipelines.train.checkpoint import rng_state, set_rng_state
+from pipelines.train.checkpoint import load_worker_state, save_worker_state
 from pipelines.train.engine import (
     create_engine,
     deepspeed_config,
@@ -181,13 +181,7 @@ class ClassifyWorker:
         with checkpoint.as_directory() as folder:
             root = Path(folder)
             state = FinetuneState.from_json((root / STATE_FILE).read_text())
-            tag = f"step_{state.step:08d}"
-            path, _ = self.engine.load_checkpoint(str(root / "engine"), tag=tag)
-            if path is None:
-                raise RuntimeError(f"no engine checkpoint {tag} in {root}")
-            rng = root / "rng" / f"rank_{self.rank:05d}.pt"
-            if rng.exists():
-                set_rng_state(torch.load(rng, weights_only=False))
+            load_worker_state(self.engine, root, "engine", state.step, self.rank)
         log.info("restored stage %s at step %d", self.stage.name, state.step)
         return state
 
@@ -354,12 +348,9 @@ class ClassifyWorker:
 
         if not self.sink.flush(self.job.tracking.checkpoint_flush_s):
             log.warning("metrics up to step %d not yet stored in MLflow", self.state.step)
-        tag = f"step_{self.state.step:08d}"
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
             root = Path(tmp)
-            self.engine.save_checkpoint(str(root / "engine"), tag=tag)
-            (root / "rng").mkdir()
-            torch.save(rng_state(), root / "rng" / f"rank_{self.rank:05d}.pt")
+            save_worker_state(self.engine, root, "engine", self.state.step, self.rank)
             if self.rank == 0:
                 (root / STATE_FILE).write_text(self.state.to_json())
             ray.train.report(
