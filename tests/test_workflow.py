@@ -353,8 +353,8 @@ INVALID = {
         r"stages\.1\.params\.value: expected an integer",
     ),
     "bad reference": (
-        _with(1, inputs={"left": "a"}),
-        r"stages\.1: inputs\.left: 'a' is not a reference; write <stage>\.<output field>",
+        _with(1, inputs={"left": "a.not-a-field"}),
+        r"stages\.1: inputs\.left: 'a\.not-a-field' is not a reference; write <stage>\.<output",
     ),
     "bad stage name": (_with(1, name="b.c"), r"stages\.1: name: 'b\.c' is not a valid stage name"),
     "negative resources": (

@@ -26,7 +26,7 @@ from pipelines.config import config_hash, from_dict, to_dict, to_yaml
 from pipelines.tracking import runs
 from pipelines.workflow import state
 from pipelines.workflow.plan import PlannedStage, plan_pipeline, stage_hashes
-from pipelines.workflow.spec import PipelineConfig, StageContext, StageKind
+from pipelines.workflow.spec import PipelineConfig, Reference, StageContext, StageKind
 
 log = logging.getLogger("pipelines.workflow")
 
@@ -73,7 +73,7 @@ class StageTask:
     ctx: StageContext
     kind: StageKind[Any, Any, Any]
     params: Any
-    references: dict[str, tuple[str, str]]
+    references: dict[str, Reference | list[Reference]]
     path: str
 
 
@@ -94,13 +94,20 @@ def execute_stage(task: StageTask, upstream: tuple[str, ...], *values: StageRetu
     started = time.time()
     try:
         produced = {name: value.outputs for name, value in zip(upstream, values, strict=True)}
-        data = {}
-        for key, (stage, output) in task.references.items():
+
+        def value(key: str, stage: str, output: str | None) -> Any:
+            if output is None:
+                return produced[stage]
             if output not in produced[stage]:
                 raise ValueError(
                     f"{task.path}.inputs.{key}: stage {stage!r} produced no output {output!r}"
                 )
-            data[key] = produced[stage][output]
+            return produced[stage][output]
+
+        data = {
+            key: [value(key, *r) for r in refs] if isinstance(refs, list) else value(key, *refs)
+            for key, refs in task.references.items()
+        }
         inputs = from_dict(task.kind.inputs, data, f"{task.path}.inputs")
         outputs = _json_outputs(task, task.kind.fn(ctx, task.params, inputs))
         state.write_outputs(client, ctx.run_id, outputs)
@@ -143,26 +150,36 @@ def run_pipeline(
     *,
     workdir: Path | None = None,
     poll_s: float = 5.0,
+    parent_run_id: str | None = None,
 ) -> PipelineResult:
     """Run the stages of ``cfg`` that have not finished yet under its ``pipeline.run_name``.
 
     Raises PipelineError before anything runs when a finished stage's settings changed, and after
     all stages that could run have ended when some stage failed. ``workdir`` (default: the current
     directory) is where relative paths and the default SQLite tracking store are. ``poll_s``: how
-    often the driver looks for stages that started, for its progress lines. Ray must be
-    initialised by the caller.
+    often the driver looks for stages that started, for its progress lines. ``parent_run_id``: an
+    existing MLflow run (a stage of an enclosing pipeline) to hold the stage runs, instead of a
+    parent run found or created by name; its status stays its owner's. Ray must be initialised by
+    the caller.
     """
     plan = plan_pipeline(cfg, kinds)  # every config mistake is found before any side effect
-    return _Driver(cfg, plan, (workdir or Path.cwd()).resolve(), poll_s).run()
+    workdir = (workdir or Path.cwd()).resolve()
+    return _Driver(cfg, plan, workdir, poll_s, parent_run_id).run()
 
 
 class _Driver:
     """One attempt of a pipeline run, on the driver: decide, submit, wait, record."""
 
     def __init__(
-        self, cfg: PipelineConfig, plan: list[PlannedStage], workdir: Path, poll_s: float
+        self,
+        cfg: PipelineConfig,
+        plan: list[PlannedStage],
+        workdir: Path,
+        poll_s: float,
+        parent_run_id: str | None,
     ) -> None:
         self.cfg, self.plan, self.workdir, self.poll_s = cfg, plan, workdir, poll_s
+        self.nested = parent_run_id is not None
         self.hashes = stage_hashes(plan)
         self.target = runs.resolve_tracking(cfg.tracking.tracking_uri, workdir)
         self.client = runs.client_for(self.target)
@@ -173,17 +190,21 @@ class _Driver:
         self.prefix = f"pipeline {self.name!r} run {self.run_name!r}"
         self.run_ids: dict[str, str] = {}
         self.reported: set[str] = set()  # failures already logged as they happened
-        self.parent_id = ""
+        self.parent_id = parent_run_id or ""
 
     def run(self) -> PipelineResult:
-        parent = state.find_parent(self.client, self.experiment_id, self.name, self.run_name)
+        if self.nested:
+            parent = self.client.get_run(self.parent_id)
+        else:
+            parent = state.find_parent(self.client, self.experiment_id, self.name, self.run_name)
         children = (
             state.find_children(self.client, self.experiment_id, parent.info.run_id)
             if parent is not None
             else {}
         )
         skipped = self._reusable(children)  # raises before anything changes
-        self.parent_id = self._open_parent(parent)
+        if not self.nested:
+            self.parent_id = self._open_parent(parent)
         to_run = [s for s in self.plan if s.name not in skipped]
         log.info(
             "%s: parent run %s (%s); %d stage(s) to run, %d finished before",
@@ -416,7 +437,8 @@ class _Driver:
                 self._close_child(run_id, "FAILED", error)
                 results[name] = StageResult("failed", None, run_id, error)
         result = PipelineResult(self.name, self.run_name, self.parent_id, results)
-        runs.finish_run(self.client, self.parent_id, "FAILED" if failures else "FINISHED")
+        if not self.nested:
+            runs.finish_run(self.client, self.parent_id, "FAILED" if failures else "FINISHED")
         counts = {s: sum(r.status == s for r in results.values()) for s in _STATUSES}
         log.info("%s: %s (%s)", self.prefix, "FAILED" if failures else "finished", counts)
         if failures:
@@ -442,7 +464,8 @@ class _Driver:
         with contextlib.suppress(Exception):
             for name in pending.values():
                 self._close_child(self.run_ids.get(name), "KILLED", "driver interrupted")
-            runs.finish_run(self.client, self.parent_id, "KILLED")
+            if not self.nested:
+                runs.finish_run(self.client, self.parent_id, "KILLED")
         log.error("%s: interrupted; %d stage(s) cancelled", self.prefix, len(pending))
 
 

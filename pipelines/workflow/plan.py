@@ -9,6 +9,7 @@ pretraining fails at submission instead.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,25 +80,38 @@ def _check_inputs(
 ) -> None:
     kind = kind_of[stage.name]
     accepted = field_types(kind.inputs)
-    for key, (ref, output) in stage.references().items():
+    for key, refs in stage.references().items():
         where = f"{path}.inputs.{key}: stage {stage.name!r}"
         if key not in accepted:
             raise ConfigError(
                 f"{where}: kind {kind.name!r} has no input {key!r}; "
                 f"expected one of {sorted(accepted)}"
             )
-        produced = field_types(kind_of[ref].outputs)
-        if output not in produced:
-            raise ConfigError(
-                f"{where}: stage {ref!r} (kind {kind_of[ref].name!r}) has no output {output!r}; "
-                f"its outputs are {sorted(produced)}"
-            )
-        if not assignable(produced[output], accepted[key]):
-            raise ConfigError(
-                f"{where}: type mismatch: output {ref}.{output} is "
-                f"{type_name(produced[output])} but input {key!r} of kind {kind.name!r} "
-                f"expects {type_name(accepted[key])}"
-            )
+        expected = accepted[key]
+        if isinstance(refs, list):  # gathered: the input is a list of what each names
+            if typing.get_origin(expected) is not list:
+                raise ConfigError(
+                    f"{where}: a list of references needs a list input, but input {key!r} of "
+                    f"kind {kind.name!r} is {type_name(expected)}"
+                )
+            expected = (typing.get_args(expected) or (Any,))[0]
+        for ref, output in refs if isinstance(refs, list) else [refs]:
+            produced = field_types(kind_of[ref].outputs)
+            if output is None:  # all of the stage's outputs, as one dict
+                given: Any = dict[str, Any]
+            elif output in produced:
+                given = produced[output]
+            else:
+                raise ConfigError(
+                    f"{where}: stage {ref!r} (kind {kind_of[ref].name!r}) has no output "
+                    f"{output!r}; its outputs are {sorted(produced)}"
+                )
+            if not assignable(given, expected):
+                raise ConfigError(
+                    f"{where}: type mismatch: output {ref}.{output or '*'} is "
+                    f"{type_name(given)} but input {key!r} of kind {kind.name!r} "
+                    f"expects {type_name(expected)}"
+                )
     missing = [name for name in required_fields(kind.inputs) if name not in stage.inputs]
     if missing:
         raise ConfigError(
@@ -119,6 +133,7 @@ def stage_hashes(plan: Sequence[PlannedStage]) -> dict[str, str]:
                 "params": to_dict(stage.params),
                 "inputs": dict(stage.config.inputs),
                 "upstream": {name: hashes[name] for name in stage.config.upstream()},
-            }
+            },
+            exclude=[f"params.{key}" for key in stage.kind.hash_exclude],
         )
     return hashes

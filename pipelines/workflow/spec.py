@@ -2,7 +2,9 @@
 
 A stage kind is a plain function ``fn(ctx, params, inputs) -> outputs`` with three dataclasses that
 say what it takes and returns. ``params`` are the stage's settings from YAML; ``inputs`` are filled
-from earlier stages' outputs, named in YAML as ``<stage>.<output field>``; ``outputs`` hold what
+from earlier stages' outputs, named in YAML as ``<stage>.<output field>`` (or ``<stage>`` for all
+of its outputs as one dict), or as a list of such references for an input of type ``list[...]``
+(several stages' outputs gathered into one, such as the trials of a sweep); ``outputs`` hold what
 later stages need (model URIs, run ids, metrics), JSON values only, because they are stored on the
 stage's MLflow run and read back from there when a pipeline is run again.
 
@@ -84,7 +86,9 @@ class StageKind(Generic[P, I, O]):
     """A kind of stage: ``fn(ctx, params, inputs) -> outputs`` and its three dataclasses.
 
     ``fn`` runs on a Ray worker, which imports it by its module: define it at module level in an
-    installed package (``pipelines/...``), not in a script or a notebook.
+    installed package (``pipelines/...``), not in a script or a notebook. ``hash_exclude``: dotted
+    params keys that do not change what the stage produces (where it keeps files, how often it
+    may retry), left out of its settings digest.
     """
 
     name: str
@@ -92,6 +96,7 @@ class StageKind(Generic[P, I, O]):
     params: type[P]
     inputs: type[I]
     outputs: type[O]
+    hash_exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _STAGE_NAME.match(self.name or ""):
@@ -144,7 +149,7 @@ class StageConfig:
 
     name: str
     kind: str
-    inputs: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, str | list[str]] = field(default_factory=dict)
     after: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, float] = field(default_factory=dict)
@@ -156,30 +161,31 @@ class StageConfig:
             )
         if not self.kind:
             raise ValueError(f"kind: stage {self.name!r} needs a kind")
-        for key, ref in self.inputs.items():
+        for key, refs in self.inputs.items():
             if not _FIELD_NAME.match(key):
                 raise ValueError(f"inputs.{key}: not a valid input field name")
-            stage, dot, output = ref.partition(".")
-            if not (dot and _STAGE_NAME.match(stage) and _FIELD_NAME.match(output)):
-                raise ValueError(
-                    f"inputs.{key}: {ref!r} is not a reference; write <stage>.<output field>, "
-                    "e.g. pretrain.model_uri"
-                )
+            for ref in refs if isinstance(refs, list) else [refs]:
+                stage, dot, output = ref.partition(".")
+                if not _STAGE_NAME.match(stage) or (dot and not _FIELD_NAME.match(output)):
+                    raise ValueError(
+                        f"inputs.{key}: {ref!r} is not a reference; write <stage>.<output field>"
+                        " (e.g. pretrain.model_uri) or <stage> for all of its outputs"
+                    )
         for key, amount in self.resources.items():
             if amount < 0:
                 raise ValueError(f"resources.{key}: must be >= 0, got {amount}")
 
-    def references(self) -> dict[str, tuple[str, str]]:
-        """``{input field: (stage, output field)}``."""
-        refs = {}
-        for key, ref in self.inputs.items():
-            stage, _, output = ref.partition(".")
-            refs[key] = (stage, output)
+    def references(self) -> dict[str, Reference | list[Reference]]:
+        """``{input field: (stage, output field or None for all outputs)}``, or a list of them."""
+        refs: dict[str, Reference | list[Reference]] = {}
+        for key, value in self.inputs.items():
+            parsed = [_reference(ref) for ref in (value if isinstance(value, list) else [value])]
+            refs[key] = parsed if isinstance(value, list) else parsed[0]
         return refs
 
     def upstream(self) -> list[str]:
         """The stages this one waits for: those its inputs name, then ``after``, each once."""
-        names = [stage for stage, _ in self.references().values()] + list(self.after)
+        names = [ref[0] for ref in _flat(self.references().values())] + list(self.after)
         return list(dict.fromkeys(names))
 
     def ray_options(self) -> dict[str, Any]:
@@ -196,6 +202,21 @@ class StageConfig:
         if custom:
             options["resources"] = custom
         return options
+
+
+Reference = tuple[str, str | None]  # (stage, output field); None: all of the stage's outputs
+
+
+def _reference(text: str) -> Reference:
+    stage, dot, output = text.partition(".")
+    return stage, (output if dot else None)
+
+
+def _flat(values: Any) -> list[Reference]:
+    out: list[Reference] = []
+    for value in values:
+        out.extend(value if isinstance(value, list) else [value])
+    return out
 
 
 @dataclass
@@ -218,8 +239,10 @@ class PipelineConfig:
                 )
             index[stage.name] = i
         for i, stage in enumerate(self.stages):
-            for key, (ref, _) in stage.references().items():
-                if ref not in index:
+            for key, refs in stage.references().items():
+                for ref, _ in refs if isinstance(refs, list) else [refs]:
+                    if ref in index:
+                        continue
                     raise ConfigError(
                         f"stages.{i}.inputs.{key}: stage {stage.name!r} refers to unknown stage "
                         f"{ref!r}; stages are {sorted(index)}"
