@@ -365,6 +365,41 @@ INVALID = {
 }
 
 
+def test_a_stage_gathers_several_stages_outputs(kinds, mlflow_server, tmp_path: Path) -> None:
+    stages = [
+        {"name": "a", "kind": "step", "params": {"value": 2}},
+        {"name": "b", "kind": "step", "params": {"value": 30}},
+        {"name": "sum", "kind": "gather", "inputs": {"values": ["a.value", "b.value"]}},
+        {"name": "all", "kind": "gather", "inputs": {"whole": ["a", "b"], "values": ["sum.value"]}},
+    ]
+    cfg = load_pipeline(write_pipeline(tmp_path, stages, uri=mlflow_server.uri), kinds)
+    result = run_pipeline(cfg, kinds, workdir=tmp_path, poll_s=POLL_S)
+    outputs = {name: stage.outputs for name, stage in result.stages.items()}
+    assert outputs["sum"]["value"] == 32  # in the order the references are listed
+    assert outputs["sum"]["seen"] == {"value0": 2.0, "value1": 30.0}
+    assert outputs["all"]["model_uri"] == ",".join(
+        sorted([outputs["a"]["model_uri"], outputs["b"]["model_uri"]])
+    )
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"left": ["a.value"]}, r"a list of references needs a list input, but input 'left'"),
+        ({"left": "a"}, r"output a\.\* is dict\[str, Any\] but input 'left' of kind 'step'"),
+        ({"values": ["a.value", "t.text"]}, r"output t\.text is str but input 'values'"),
+    ],
+)
+def test_gathered_and_whole_references_are_type_checked(inputs, message, tmp_path: Path) -> None:
+    stages = [
+        {"name": "a", "kind": "step"},
+        {"name": "t", "kind": "text"},
+        {"name": "z", "kind": "gather" if "values" in inputs else "step", "inputs": inputs},
+    ]
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline(write_pipeline(tmp_path, stages), KINDS)
+
+
 @pytest.mark.parametrize("case", sorted(INVALID))
 def test_config_mistakes_are_refused_at_load_time(case: str, tmp_path: Path) -> None:
     stages, message = INVALID[case]

@@ -10,7 +10,7 @@ worker, where this module is not in ``sys.modules``.
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,11 +102,26 @@ def needs(ctx: StageContext, params: NoParams, inputs: NeedsInputs) -> TextOutpu
     return TextOutputs(text=inputs.model_uri)
 
 
+@dataclass(frozen=True)
+class GatherInputs:
+    values: list[int] = field(default_factory=list)  # several stages' output fields
+    whole: list[dict[str, Any]] = field(default_factory=list)  # several stages' whole outputs
+
+
+def gather(ctx: StageContext, params: NoParams, inputs: GatherInputs) -> StepOutputs:
+    return StepOutputs(
+        value=sum(inputs.values),
+        model_uri=",".join(sorted(w["model_uri"] for w in inputs.whole)),
+        seen={f"value{i}": float(v) for i, v in enumerate(inputs.values)},
+    )
+
+
 KINDS = {
     kind.name: kind
     for kind in (
         StageKind("step", step, StepParams, StepInputs, StepOutputs),
         StageKind("text", text, NoParams, NoInputs, TextOutputs),
         StageKind("needs", needs, NoParams, NeedsInputs, TextOutputs),
+        StageKind("gather", gather, NoParams, GatherInputs, StepOutputs),
     )
 }
