@@ -16,8 +16,8 @@ import sys
 
 from pipelines.config import ConfigError, add_config_arguments, config_from_args
 from pipelines.data.readers import DataError
-from pipelines.train.finetune import run_finetune
 from pipelines.train.finetune_config import FinetuneConfig
+from pipelines.workflow.recipe import run_finetune
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from pipelines.tracking.models import ModelSourceError
+    from pipelines.workflow import PipelineError
 
     ray.init()
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -46,12 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelSourceError, DataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)  # checked before any training started
         return 2
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     summary = {
         "run_id": result.run_id,
         result.metric: result.score,
         "stages": {s.stage: s.metrics for s in result.stages},
         "model": result.registered.registry_uri if result.registered else None,
-        "promoted": result.promotion.promoted if result.promotion else None,
+        "promoted": result.promoted,
     }
     print(json.dumps(summary))
     return 0

@@ -37,22 +37,33 @@ _LAYER_KEYS = {
     "mlp.dense1": "mlp.fc1",
     "mlp.dense2": "mlp.fc2",
 }
-# Module prefixes: transformers -> ours. Order matters: the first match wins.
-_PREFIXES = (
+# Module prefixes: transformers -> ours, for the encoder and for each task's decoder.
+_ENCODER = (
     ("perceiver.input_preprocessor.embeddings", "encoder.embed"),
     ("perceiver.input_preprocessor.position_embeddings", "encoder.pos_embed"),
     ("perceiver.embeddings.latents", "encoder.latents"),
     ("perceiver.encoder.cross_attention", "encoder.cross"),
     ("perceiver.encoder.self_attends", "encoder.layers"),
-    # Masked LM decoder (PerceiverBasicDecoder) and the tied-embedding bias.
-    ("perceiver.decoder.output_position_encodings.position_embeddings", "mlm_head.queries"),
-    ("perceiver.decoder.decoding_cross_attention", "mlm_head.block"),
-    ("embedding_decoder.bias", "mlm_head.bias"),
-    # Classification decoder (PerceiverClassificationDecoder wraps a PerceiverBasicDecoder).
-    ("perceiver.decoder.decoder.output_position_encodings.position_embeddings", "cls_head.query"),
-    ("perceiver.decoder.decoder.decoding_cross_attention", "cls_head.block"),
-    ("perceiver.decoder.decoder.final_layer", "cls_head.proj"),
 )
+_DECODERS = {
+    # PerceiverBasicDecoder and the tied-embedding bias.
+    "mlm": (
+        ("perceiver.decoder.output_position_encodings.position_embeddings", "decoder.queries"),
+        ("perceiver.decoder.decoding_cross_attention", "decoder.block"),
+        ("embedding_decoder.bias", "decoder.adapter.bias"),
+    ),
+    # PerceiverClassificationDecoder wraps a PerceiverBasicDecoder.
+    "classifier": (
+        (
+            "perceiver.decoder.decoder.output_position_encodings.position_embeddings",
+            "decoder.queries",
+        ),
+        ("perceiver.decoder.decoder.decoding_cross_attention", "decoder.block"),
+        ("perceiver.decoder.decoder.final_layer", "decoder.adapter.proj"),
+    ),
+}
+# The parameter that only each task's output adapter has, in our names.
+_ADAPTER_KEYS = {"mlm": "decoder.adapter.bias", "classifier": "decoder.adapter.proj.weight"}
 _ARCHITECTURES = {
     PerceiverForMaskedLM: "PerceiverForMaskedLM",
     PerceiverForSequenceClassification: "PerceiverForSequenceClassification",
@@ -66,12 +77,25 @@ def _longest_first(pairs: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], .
     return tuple(sorted(pairs, key=lambda p: -len(p[0])))
 
 
-# Both directions, sorted once: renaming runs for every key of a 201M checkpoint.
-_TO_OURS = (_longest_first(_PREFIXES), _longest_first(_LAYER_KEYS.items()))
-_TO_HF = (
-    _longest_first((dst, src) for src, dst in _PREFIXES),
-    _longest_first((dst, src) for src, dst in _LAYER_KEYS.items()),
+# Sorted once: renaming runs for every key of a 201M checkpoint. transformers' names say which
+# decoder they belong to; ours are the same for both (``decoder.*``), so writing needs the kind.
+_TO_OURS = (
+    _longest_first([*_ENCODER, *_DECODERS["mlm"], *_DECODERS["classifier"]]),
+    _longest_first(_LAYER_KEYS.items()),
 )
+_TO_HF = {
+    kind: (
+        _longest_first((dst, src) for src, dst in (*_ENCODER, *heads)),
+        _longest_first((dst, src) for src, dst in _LAYER_KEYS.items()),
+    )
+    for kind, heads in _DECODERS.items()
+}
+
+
+def head_kind(keys: Iterable[str]) -> str | None:
+    """``mlm`` or ``classifier``: which task's decoder a state dict in our names holds, if any."""
+    keys = set(keys)
+    return next((kind for kind, key in _ADAPTER_KEYS.items() if key in keys), None)
 
 
 def _rename(key: str, tables: tuple[tuple[tuple[str, str], ...], ...]) -> str | None:
@@ -105,9 +129,10 @@ def hf_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def ours_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    tables = _TO_HF[head_kind(state_dict) or "mlm"]
     out = {}
     for key, value in state_dict.items():
-        new = _rename(key, _TO_HF)
+        new = _rename(key, tables)
         if new is None:
             raise ValueError(f"no transformers name for parameter {key!r}")
         out[new] = value
@@ -147,7 +172,12 @@ def config_to_hf(config: PerceiverConfig, architecture: str) -> dict[str, object
             "decoder_num_heads": config.decoder_num_heads,
         },
     )
-    for key in ("decoder_qk_channels", "decoder_num_heads", "num_labels"):
+    for key in (
+        "decoder_qk_channels",
+        "decoder_num_heads",
+        "num_labels",
+        "activation_checkpointing",
+    ):
         values.pop(key)
     if config.problem_type is None:
         values.pop("problem_type")
@@ -188,10 +218,9 @@ def load_into(
     (an MLM checkpoint into a classifier), and that is logged — or an error when ``strict``."""
     if any(k.startswith(("perceiver.", "embedding_decoder.")) for k in state_dict):
         state_dict = hf_to_ours(state_dict)
-    own = model.state_dict()
-    # Drop the other task's head (a classifier checkpoint loaded as MLM, or the reverse).
-    foreign = [k for k in state_dict if k not in own and not k.startswith("encoder.")]
-    state_dict = {k: v for k, v in state_dict.items() if k not in foreign}
+    # The other task's decoder (a classifier checkpoint loaded as MLM, or the reverse) is dropped.
+    if head_kind(state_dict) != head_kind(model.state_dict()):
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("decoder.")}
     result = model.load_state_dict(state_dict, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"checkpoint has parameters the model lacks: {result.unexpected_keys[:5]}")

@@ -1,8 +1,8 @@
-"""Perceiver IO for bytes: an encoder into a small latent array, and task heads that query it.
+"""Perceiver IO for bytes: an encoder into a small latent array, and a decoder whose queries read it.
 
 The whole model is here and reads top to bottom: attention, the block that wraps it, the encoder,
-then the two heads (masked language modelling and sequence classification) and the task models
-that compose an encoder with a head. Weight conversion to and from ``transformers`` lives in
+the decoder (learned queries cross-attending to the latents) with its two output adapters (byte
+logits tied to the input embedding, and class logits), and the task models that compose them. Weight conversion to and from ``transformers`` lives in
 ``perceiver_core.hf``; FLOPs counting in ``perceiver_core.flops``.
 
 Numerically this is ``transformers``' Perceiver (pre-LayerNorm with eps 1e-5, exact GELU, the same
@@ -10,7 +10,8 @@ residuals), with three differences that change speed, not results:
 - attention runs through ``scaled_dot_product_attention`` (fused kernels, no materialised scores);
 - the MLM head can decode only chosen positions (the masked ones) instead of all 2048 queries, which
   is exact because decoder queries never attend to each other;
-- the latent layers can recompute their activations in the backward pass (activation checkpointing).
+- the latent layers can recompute their activations in the backward pass
+  (``PerceiverConfig.activation_checkpointing``).
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ class Attention(nn.Module):
 
     def __init__(
         self,
+        *,
         q_dim: int,
         kv_dim: int,
         qk_channels: int,
         v_channels: int,
         out_dim: int,
         num_heads: int,
-        *,
         cross: bool,
         dropout: float,
     ) -> None:
@@ -115,7 +116,7 @@ class Block(nn.Module):
     """Attention (with an optional residual to the queries), then a pre-LayerNorm MLP with residual."""
 
     def __init__(
-        self, attn: Attention, q_dim: int, widening_factor: int, query_residual: bool
+        self, attn: Attention, *, q_dim: int, widening_factor: int, query_residual: bool
     ) -> None:
         super().__init__()
         self.attn = attn
@@ -146,38 +147,39 @@ class PerceiverEncoder(nn.Module):
         self.pos_embed = nn.Embedding(c.max_position_embeddings, c.d_model)
         self.latents = nn.Parameter(torch.empty(c.num_latents, c.d_latents))
         cross = Attention(
-            c.d_latents,
-            c.d_model,
-            c.cross_attention_qk_channels,
-            c.cross_attention_v_channels,
-            c.d_latents,
-            c.num_cross_attention_heads,
+            q_dim=c.d_latents,
+            kv_dim=c.d_model,
+            qk_channels=c.cross_attention_qk_channels,
+            v_channels=c.cross_attention_v_channels,
+            out_dim=c.d_latents,
+            num_heads=c.num_cross_attention_heads,
             cross=True,
             dropout=c.attention_probs_dropout_prob,
         )
         self.cross = Block(
-            cross, c.d_latents, c.cross_attention_widening_factor, c.use_query_residual
+            cross,
+            q_dim=c.d_latents,
+            widening_factor=c.cross_attention_widening_factor,
+            query_residual=c.use_query_residual,
         )
         self.layers = nn.ModuleList(
             Block(
                 Attention(
-                    c.d_latents,
-                    c.d_latents,
-                    c.self_attention_qk_channels,
-                    c.self_attention_v_channels,
-                    c.self_attention_v_channels,
-                    c.num_self_attention_heads,
+                    q_dim=c.d_latents,
+                    kv_dim=c.d_latents,
+                    qk_channels=c.self_attention_qk_channels,
+                    v_channels=c.self_attention_v_channels,
+                    out_dim=c.self_attention_v_channels,
+                    num_heads=c.num_self_attention_heads,
                     cross=False,
                     dropout=c.attention_probs_dropout_prob,
                 ),
-                c.d_latents,
-                c.self_attention_widening_factor,
+                q_dim=c.d_latents,
+                widening_factor=c.self_attention_widening_factor,
                 query_residual=True,
             )
             for _ in range(c.num_self_attends_per_block)
         )
-        # Recompute latent-layer activations in backward: trades ~1/3 more compute for memory.
-        self.activation_checkpointing = False
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -194,82 +196,120 @@ class PerceiverEncoder(nn.Module):
         z = self.cross(self.latents.expand(b, -1, -1), x, bias)
         for _ in range(self.config.num_blocks):
             for layer in self.layers:
-                if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # Recompute the layer's activations in backward: ~1/3 more compute, less memory.
+                if (
+                    self.config.activation_checkpointing
+                    and self.training
+                    and torch.is_grad_enabled()
+                ):
                     z = checkpoint(layer, z, use_reentrant=False)
                 else:
                     z = layer(z)
         return z
 
 
-class MaskedLMHead(nn.Module):
-    """One learned query per output position cross-attends to the latents; logits are tied to the
-    input byte embedding plus a bias."""
+class PerceiverDecoder(nn.Module):
+    """Learned output queries cross-attend to the latents; an output adapter turns what they read
+    into the task's outputs. ``positions`` picks which queries to decode (all by default)."""
 
-    def __init__(self, config: PerceiverConfig) -> None:
+    def __init__(
+        self,
+        *,
+        num_queries: int,
+        query_dim: int,
+        latent_dim: int,
+        qk_channels: int,
+        num_heads: int,
+        query_residual: bool,
+        dropout: float,
+        adapter: nn.Module,
+    ) -> None:
         super().__init__()
-        c = config
-        self.queries = nn.Parameter(torch.empty(c.max_position_embeddings, c.d_model))
+        self.queries = nn.Parameter(torch.empty(num_queries, query_dim))
         attn = Attention(
-            c.d_model,
-            c.d_latents,
-            c.decoder_qk_channels,
-            c.d_model,
-            c.d_model,
-            c.decoder_num_heads,
+            q_dim=query_dim,
+            kv_dim=latent_dim,
+            qk_channels=qk_channels,
+            v_channels=query_dim,
+            out_dim=query_dim,
+            num_heads=num_heads,
             cross=True,
-            dropout=c.attention_probs_dropout_prob,
+            dropout=dropout,
         )
-        # The queries are positions, not content: no residual from them (as released).
-        self.block = Block(attn, c.d_model, widening_factor=1, query_residual=False)
-        self.bias = nn.Parameter(torch.zeros(c.vocab_size))
+        self.block = Block(attn, q_dim=query_dim, widening_factor=1, query_residual=query_residual)
+        self.adapter = adapter
 
     def forward(
-        self, z: torch.Tensor, embedding: torch.Tensor, positions: torch.Tensor
+        self, z: torch.Tensor, positions: torch.Tensor | None = None, *adapter_args: torch.Tensor
     ) -> torch.Tensor:
-        """Logits (B, P, vocab) at ``positions`` (B, P) or (P,), given latents ``z`` (B, N, D)."""
-        queries = self.queries[positions]
+        """Outputs for the queries at ``positions`` (B, P) or (P,), given latents ``z`` (B, N, D)."""
+        queries = self.queries if positions is None else self.queries[positions]
         if queries.dim() == 2:
             queries = queries.expand(z.shape[0], -1, -1)
-        h = self.block(queries, z)
+        return self.adapter(self.block(queries, z), *adapter_args)
+
+
+class TiedByteLogits(nn.Module):
+    """Masked-LM output adapter: logits over the byte vocabulary, tied to the input byte embedding
+    (passed in by the model), plus a bias."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         return F.linear(h, embedding, self.bias)
 
 
-class ClassificationHead(nn.Module):
-    """A single learned query cross-attends (one head) to the latents, then a linear layer to labels.
+class ClassLogits(nn.Module):
+    """Classification output adapter: the single query's output, through a linear layer."""
 
-    Shaped like ``transformers.PerceiverForSequenceClassification``'s decoder so weights convert.
-    """
-
-    def __init__(self, config: PerceiverConfig) -> None:
+    def __init__(self, dim: int, num_labels: int) -> None:
         super().__init__()
-        c = config
-        self.query = nn.Parameter(torch.empty(1, c.d_latents))
-        attn = Attention(
-            c.d_latents,
-            c.d_latents,
-            c.d_latents,
-            c.d_latents,
-            c.d_latents,
-            1,
-            cross=True,
-            dropout=c.attention_probs_dropout_prob,
-        )
-        self.block = Block(attn, c.d_latents, widening_factor=1, query_residual=True)
-        self.proj = nn.Linear(c.d_latents, c.num_labels)
+        self.proj = nn.Linear(dim, num_labels)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.block(self.query.expand(z.shape[0], -1, -1), z)
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.proj(h[:, 0])
+
+
+def masked_lm_decoder(c: PerceiverConfig) -> PerceiverDecoder:
+    """One learned query per input position (as released: no residual from the queries, which are
+    positions, not content)."""
+    return PerceiverDecoder(
+        num_queries=c.max_position_embeddings,
+        query_dim=c.d_model,
+        latent_dim=c.d_latents,
+        qk_channels=c.decoder_qk_channels,
+        num_heads=c.decoder_num_heads,
+        query_residual=False,
+        dropout=c.attention_probs_dropout_prob,
+        adapter=TiedByteLogits(c.vocab_size),
+    )
+
+
+def classification_decoder(c: PerceiverConfig) -> PerceiverDecoder:
+    """One learned query, one head, as ``transformers.PerceiverForSequenceClassification``."""
+    return PerceiverDecoder(
+        num_queries=1,
+        query_dim=c.d_latents,
+        latent_dim=c.d_latents,
+        qk_channels=c.d_latents,
+        num_heads=1,
+        query_residual=True,
+        dropout=c.attention_probs_dropout_prob,
+        adapter=ClassLogits(c.d_latents, c.num_labels),
+    )
 
 
 @dataclass
 class MaskedLMOutput:
-    """``logits`` are (B, P, vocab) at ``positions`` (B, P); ``valid`` marks real entries when the
-    rows decoded different numbers of positions (padding entries have ``valid`` False)."""
+    """``logits`` are (B, P, vocab) at ``positions`` (B, P) or (P,). ``targets`` (B, P), when labels
+    were given, are the labels at those positions, -100 where there is none to predict (unlabelled
+    positions, and the padding entries of rows that decoded fewer positions than others)."""
 
     logits: torch.Tensor
     positions: torch.Tensor
-    valid: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
     loss: torch.Tensor | None = None
 
 
@@ -290,7 +330,7 @@ def init_weights(module: nn.Module, std: float) -> None:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
     for name, p in module.named_parameters():
-        if name.endswith(("latents", "queries", "query")):
+        if name.endswith(("latents", "queries")):
             nn.init.normal_(p, std=std)
 
 
@@ -315,7 +355,7 @@ class PerceiverForMaskedLM(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = PerceiverEncoder(config)
-        self.mlm_head = MaskedLMHead(config)
+        self.decoder = masked_lm_decoder(config)
         init_weights(self, config.initializer_range)
 
     def forward(
@@ -330,9 +370,9 @@ class PerceiverForMaskedLM(nn.Module):
         """Encode ``input_ids`` and decode logits.
 
         decode: ``"all"`` decodes every input position (as transformers does); ``"masked"`` decodes
-        only the positions that carry a label (``labels != -100``), the training default, which gives
-        the same loss for a fraction of the decoder's cost. Explicit ``positions`` (P,) or (B, P)
-        override both. The loss is the mean cross-entropy over labelled positions.
+        only the positions that carry a label (``labels != -100``), the training default, which
+        gives the same loss for a fraction of the decoder's cost. Explicit ``positions`` (P,) or
+        (B, P) override both. The loss is the mean cross-entropy over labelled positions.
         """
         z = self.encoder(input_ids, attention_mask)
         valid = None
@@ -343,19 +383,19 @@ class PerceiverForMaskedLM(nn.Module):
                 positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             else:
                 raise ValueError(f"decode must be 'all' or 'masked', got {decode!r}")
-        logits = self.mlm_head(z, self.encoder.embed.weight, positions)
-        loss = None
-        if labels is not None:
-            pos = positions.expand(input_ids.shape[0], -1) if positions.dim() == 1 else positions
-            targets = labels.gather(1, pos).long()
-            if valid is not None:
-                targets = targets.masked_fill(~valid, IGNORE_INDEX)
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(),
-                targets.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-            )
-        return MaskedLMOutput(logits=logits, positions=positions, valid=valid, loss=loss)
+        logits = self.decoder(z, positions, self.encoder.embed.weight)
+        if labels is None:
+            return MaskedLMOutput(logits=logits, positions=positions)
+        rows = positions.expand(input_ids.shape[0], -1) if positions.dim() == 1 else positions
+        targets = labels.gather(1, rows).long()
+        if valid is not None:
+            targets = targets.masked_fill(~valid, IGNORE_INDEX)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+        )
+        return MaskedLMOutput(logits=logits, positions=positions, targets=targets, loss=loss)
 
 
 class PerceiverForSequenceClassification(nn.Module):
@@ -363,7 +403,7 @@ class PerceiverForSequenceClassification(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = PerceiverEncoder(config)
-        self.cls_head = ClassificationHead(config)
+        self.decoder = classification_decoder(config)
         init_weights(self, config.initializer_range)
 
     @property
@@ -376,7 +416,7 @@ class PerceiverForSequenceClassification(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> ClassifierOutput:
-        logits = self.cls_head(self.encoder(input_ids, attention_mask))
+        logits = self.decoder(self.encoder(input_ids, attention_mask))
         loss = None
         if labels is not None:
             if self.is_regression:
@@ -404,7 +444,4 @@ def compile_blocks(model: PerceiverForMaskedLM | PerceiverForSequenceClassificat
     for layer in encoder.layers:
         layer.compile()
     encoder.cross.compile()
-    if isinstance(model, PerceiverForMaskedLM):
-        model.mlm_head.block.compile(dynamic=True)
-    else:
-        model.cls_head.block.compile()
+    model.decoder.block.compile(dynamic=isinstance(model, PerceiverForMaskedLM))

@@ -36,7 +36,7 @@ def finetune_config(shared_data: Path, storage: Path, tracking_uri: str, name: s
 
 @pytest.fixture(scope="module")
 def finetuned(pretrained, shared_data, mlflow_server, tmp_path_factory):
-    from pipelines.train.finetune import run_finetune
+    from pipelines.workflow.recipe import run_finetune
 
     storage = tmp_path_factory.mktemp("ft-runs")
     cfg = finetune_config(
@@ -58,7 +58,7 @@ def test_imdb_accuracy_is_clearly_above_chance(finetuned, mlflow_server) -> None
     stage_run = client.get_run(result.stages[0].run_id)
     assert stage_run.info.status == "FINISHED"
     assert stage_run.data.tags["mlflow.parentRunId"] == result.run_id
-    history = client.get_metric_history(stage_run.info.run_id, "eval/accuracy")
+    history = client.get_metric_history(stage_run.info.run_id, "val/accuracy")
     assert len(history) >= 2  # evaluated every epoch
     # The registered weights are the best evaluation's, which early stopping keeps.
     assert max(m.value for m in history) == pytest.approx(result.score)
@@ -85,7 +85,10 @@ def test_result_is_registered_with_lineage_signature_and_alias(
         version.version
     )
     assert tags["promotion.decision"] == "champion"
-    assert result.promotion is not None and result.promotion.promoted
+    assert result.promoted
+    # The run the version names holds the metrics of the registered weights.
+    recipe_run = client.get_run(version.run_id)
+    assert recipe_run.data.metrics["val/accuracy"] == pytest.approx(result.score)
     info = get_model_info(version.source)
     assert info.signature is not None
     assert [c.name for c in info.signature.outputs.inputs] == ["label", "score"]
@@ -102,7 +105,7 @@ def test_champion_gives_the_same_predictions_every_way(finetuned, mlflow_server,
 
 
 def test_a_rerun_skips_the_finished_stage(finetuned, shared_data, mlflow_server) -> None:
-    from pipelines.train.finetune import run_finetune
+    from pipelines.workflow.recipe import run_finetune
 
     cfg, first, _ = finetuned
     started = time.monotonic()
@@ -117,7 +120,7 @@ def test_bad_starts_fail_before_any_training(
 ) -> None:
     from pipelines.data.readers import MissingColumnError
     from pipelines.tracking.models import ModelSourceError
-    from pipelines.train.finetune import run_finetune
+    from pipelines.workflow.recipe import run_finetune
 
     def attempt(name: str, *overrides: str) -> BaseException:
         cfg = finetune_config(shared_data, tmp_path, mlflow_server.uri, name, *overrides)

@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from pipelines.config import ConfigError, load_config
-from pipelines.train.finetune_config import FinetuneConfig
-from pipelines.train.finetune_data import (
+from pipelines.train.classify import (
     LabelledRows,
+    classification_metrics,
     epoch_order,
     eval_batches,
-    rank_slice,
+    micro_slice,
     steps_per_epoch,
 )
+from pipelines.train.finetune_config import FinetuneConfig
 
 
 def _rows(lengths: list[int], width: int = 12) -> LabelledRows:
@@ -51,15 +52,21 @@ def test_epoch_order_depends_on_seed_and_epoch_only() -> None:
     assert not np.array_equal(a, epoch_order(100, seed=4, epoch=0))
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_ranks_split_each_global_batch_whatever_the_world_size(world_size: int) -> None:
+@pytest.mark.parametrize(("world_size", "accum"), [(1, 1), (2, 1), (4, 1), (1, 4), (2, 2)])
+def test_ranks_split_each_global_batch_whatever_the_world_size(world_size, accum) -> None:
     order = epoch_order(70, seed=0, epoch=0)
     batch = 8
+    size = batch // (world_size * accum)  # rows per micro-batch and worker
     assert steps_per_epoch(70, batch) == 8  # 6 rows wait for the next epoch
     for step in range(steps_per_epoch(70, batch)):
-        parts = [rank_slice(order, step, batch, r, world_size) for r in range(world_size)]
-        # The global batch is the same 8 rows for any number of workers.
-        assert np.array_equal(np.concatenate(parts), order[step * batch : (step + 1) * batch])
+        global_batch = order[step * batch : (step + 1) * batch]
+        parts = [
+            micro_slice(global_batch, micro, size, rank, world_size)
+            for micro in range(accum)
+            for rank in range(world_size)
+        ]
+        # The global batch is the same 8 rows for any number of workers and micro-batches.
+        assert sorted(np.concatenate(parts).tolist()) == sorted(global_batch.tolist())
 
 
 @pytest.mark.parametrize(("n", "world_size"), [(10, 1), (10, 3), (2, 4), (17, 2)])
@@ -83,6 +90,8 @@ def test_recipe_config_errors_name_the_key(tmp_path) -> None:
         load("stages.0.kind=mlm")
     with pytest.raises(ConfigError, match="zero_stage must be 0 with strategy ddp"):
         load("train.strategy=ddp", "train.zero_stage=2")
+    with pytest.raises(ConfigError, match=r"stages\.0\.optimizer\.name: lamb needs whole"):
+        load("train.zero_stage=2", "stages.0.optimizer.name=lamb")
     with pytest.raises(ConfigError, match=r"stages\.0\.optimizer\.lrr: unknown key"):
         load("stages.0.optimizer.lrr=1")
     with pytest.raises(ConfigError, match="sweep and freeze_encoder apply to classify"):
@@ -107,3 +116,14 @@ def test_classifier_config_takes_shapes_from_the_start_and_labels_from_the_task(
     assert (stsb.num_labels, stsb.problem_type) == (1, "regression")
     with pytest.raises(ValueError, match="exceeds the starting model's max_position_embeddings"):
         classifier_config(load_config(FinetuneConfig, None, ["data.max_length=512"]), folder)
+
+
+def test_classification_metrics_add_the_loss_of_the_logits() -> None:
+    logits = np.array([[2.0, -1.0], [0.5, 1.5], [0.0, 0.1]])
+    labels = np.array([0, 1, 0])
+    metrics = classification_metrics("imdb", logits, labels)
+    assert metrics["accuracy"] == pytest.approx(2 / 3)
+    expected = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(labels))
+    assert metrics["loss"] == pytest.approx(expected.item())
+    regression = classification_metrics("glue/stsb", np.array([[1.0], [2.0]]), np.array([1.5, 2.0]))
+    assert regression["loss"] == pytest.approx(0.125)  # mean squared error

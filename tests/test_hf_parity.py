@@ -117,10 +117,12 @@ def test_decoding_masked_positions_equals_decoding_all() -> None:
         full = model(ids, mask, labels, decode="all")
         sub = model(ids, mask, labels, decode="masked")
     assert sub.logits.shape == (3, 3, config.vocab_size)
-    assert sub.valid.tolist() == [[True] * 3, [False] * 3, [True, False, False]]
+    # The labels at the decoded positions; -100 where a row decoded fewer than the others.
+    valid = sub.targets != -100
+    assert valid.tolist() == [[True] * 3, [False] * 3, [True, False, False]]
     for row in range(3):
         for j in range(3):
-            if sub.valid[row, j]:
+            if valid[row, j]:
                 pos = sub.positions[row, j]
                 torch.testing.assert_close(
                     sub.logits[row, j], full.logits[row, pos], atol=1e-5, rtol=0
@@ -195,7 +197,7 @@ def test_mlm_checkpoint_into_classifier_keeps_encoder(tmp_path) -> None:
     mlm, _ = twin_models(config, "mlm")
     hf.save_pretrained(mlm, tmp_path)
     cls = hf.from_pretrained(PerceiverForSequenceClassification, tmp_path, num_labels=5)
-    assert cls.config.num_labels == 5 and cls.cls_head.proj.out_features == 5
+    assert cls.config.num_labels == 5 and cls.decoder.adapter.proj.out_features == 5
     for key, value in mlm.encoder.state_dict().items():
         torch.testing.assert_close(cls.encoder.state_dict()[key], value, atol=0, rtol=0)
     with pytest.raises(ValueError, match="lacks parameters"):

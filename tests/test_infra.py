@@ -696,7 +696,7 @@ def test_dockerfile_project_rules(dockerfile: Path) -> None:
 def test_dockerignore_matcher() -> None:
     rules = ["*", "!pipelines/", "**/__pycache__"]
     assert dockerignore_excludes(rules, ".git/config")
-    assert not dockerignore_excludes(rules, "pipelines/train/loop.py")
+    assert not dockerignore_excludes(rules, "pipelines/train/core.py")
     assert dockerignore_excludes(rules, "pipelines/__pycache__/x.pyc")
 
 

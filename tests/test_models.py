@@ -172,9 +172,9 @@ def ray_run_folder(tiny: TinyModels, root: Path) -> Path:
     for step, src in ((10, tiny.mlm_dir), (20, tiny.cls_dir)):
         ckpt = run / f"checkpoint_{step:08d}"
         shutil.copytree(src, ckpt / "hf")
-        (ckpt / "train_state.json").write_text(json.dumps({"run_id": f"run-at-{step}"}))
+        (ckpt / "state.json").write_text(json.dumps({"run_id": f"run-at-{step}"}))
     (run / "checkpoint_00000030").mkdir()
-    (run / "checkpoint_00000030" / "train_state.json").write_text("{}")
+    (run / "checkpoint_00000030" / "state.json").write_text("{}")
     return run
 
 
@@ -232,7 +232,7 @@ def test_every_source_form_loads_the_registered_weights(
         assert resolved.registered is None
     if run is None:
         assert resolved.run_id is None
-    elif run.isdigit():  # a checkpoint's train_state.json
+    elif run.isdigit():  # a checkpoint's state.json
         assert resolved.run_id == f"run-at-{run}"
     else:
         assert resolved.run_id == getattr(tiny, run)

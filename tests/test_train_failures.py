@@ -40,7 +40,7 @@ def logged_steps(client, run_id: str, key: str) -> list[int]:
 
 
 def consumed_crops(checkpoint: Path) -> int:
-    position = json.loads((checkpoint / "train_state.json").read_text())["position"]
+    position = json.loads((checkpoint / "state.json").read_text())["task"]["position"]
     return position["watermark"] + sum(b - a for a, b in position["extra"])
 
 
@@ -167,7 +167,7 @@ def test_killed_job_resubmitted_resumes_in_the_same_run(
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
     killed_run = run_id()
-    assert (storage / name / "checkpoint_00000010" / "train_state.json").exists()
+    assert (storage / name / "checkpoint_00000010" / "state.json").exists()
     assert not (storage / name / f"checkpoint_{steps:08d}").exists()
 
     second = run_job(args, env, log)

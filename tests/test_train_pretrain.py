@@ -71,15 +71,24 @@ def test_checkpoint_holds_every_rank_and_the_data_position(trained) -> None:
 
     _, cfg, result = trained
     folder = Path(result.checkpoint_path)
-    state = json.loads((folder / "train_state.json").read_text())
-    assert state["step"] == STEPS and state["format_version"] == 1
+    state = json.loads((folder / "state.json").read_text())
+    assert state["step"] == STEPS and state["format_version"] == 2
     crops = STEPS * cfg.train.crops_per_step
-    position = state["position"]
+    position = state["task"]["position"]
     consumed = position["watermark"] + sum(b - a for a, b in position["extra"])
     assert consumed == crops
-    assert sorted(p.name for p in (folder / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
-    shards = list((folder / "deepspeed" / f"step_{STEPS:08d}").glob("zero_pp_rank_*"))
+    assert state["progress"]["best_step"] in (20, 40, 60) and state["progress"]["evals"] == 3
+    ranks = ["rank_00000.json", "rank_00001.json"]
+    assert sorted(p.name for p in (folder / "rng").iterdir()) == ranks
+    shards = list((folder / "engine" / f"step_{STEPS:08d}").glob("zero_pp_rank_*"))
     assert len({p.name.split("_")[3] for p in shards}) == 2  # both ranks' ZeRO shards
+    # Every file is signed by the rank that wrote it, the signatures of all ranks beside them.
+    assert sorted(p.name for p in (folder / "integrity").iterdir()) == ranks
+    signed = set()
+    for manifest in (folder / "integrity").iterdir():
+        signed |= set(json.loads(manifest.read_text()))
+    written = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    assert signed == {p for p in written if not p.startswith("integrity/")}
 
 
 def test_registered_model_gives_the_trained_logits(trained, mlflow_server, tmp_path) -> None:
@@ -90,7 +99,7 @@ def test_registered_model_gives_the_trained_logits(trained, mlflow_server, tmp_p
     assert result.registered_model is not None
     # The trained weights, read from the DeepSpeed checkpoint by DeepSpeed's own converter.
     trained_state = get_fp32_state_dict_from_zero_checkpoint(
-        str(Path(result.checkpoint_path) / "deepspeed"), tag=f"step_{STEPS:08d}"
+        str(Path(result.checkpoint_path) / "engine"), tag=f"step_{STEPS:08d}"
     )
     reference = PerceiverForMaskedLM(cfg.model.perceiver_config()).eval()
     reference.load_state_dict(trained_state)
@@ -128,6 +137,10 @@ def test_registered_model_gives_the_trained_logits(trained, mlflow_server, tmp_p
     assert tags["lineage.data_fingerprint"] == result.data_fingerprint
     assert tags["lineage.config_hash"] == result.config_hash
     assert tags["lineage.code_version"]
+    # The same lineage as a classifier's: the task, and the evaluation of the registered weights.
+    assert tags["lineage.task"] == "mlm"
+    for name in ("loss", "accuracy", "bits_per_byte"):
+        assert float(tags[f"metric.{name}"]) == pytest.approx(result.metrics[f"val/{name}"])
 
 
 def test_a_stream_too_short_for_the_run_fails_on_the_driver(

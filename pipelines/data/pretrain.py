@@ -226,27 +226,33 @@ class _Buffer:
                 raise DataError(f"a source ended {n - self.size} crops early: rebuild the index")
             self.pending.append(chunk)
             self.size += len(chunk["length"])
-        parts, taken = [], 0
-        while taken < n:
-            head = self.pending[0]
-            rows = len(head["length"])
-            if taken + rows <= n:
-                parts.append(self.pending.popleft())
-                taken += rows
-            else:
-                k = n - taken
-                parts.append({key: v[:k] for key, v in head.items()})
-                self.pending[0] = {key: v[k:] for key, v in head.items()}
-                taken = n
         self.size -= n
-        if len(parts) <= 1:
-            return parts[0] if parts else {}
-        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        return take_rows(self.pending, n)
 
     def close(self) -> None:
         close = getattr(self.chunks, "close", None)
         if close is not None:
             close()
+
+
+def take_rows(pending: collections.deque[dict[str, np.ndarray]], n: int) -> dict[str, np.ndarray]:
+    """The first ``n`` rows of a queue of column batches (which holds at least that many), taken
+    off the queue: whole batches where they fit, the head of the next one split."""
+    parts, taken = [], 0
+    while taken < n:
+        head = pending[0]
+        rows = len(next(iter(head.values())))
+        if taken + rows <= n:
+            parts.append(pending.popleft())
+            taken += rows
+        else:
+            k = n - taken
+            parts.append({key: v[:k] for key, v in head.items()})
+            pending[0] = {key: v[k:] for key, v in head.items()}
+            taken = n
+    if len(parts) <= 1:
+        return parts[0] if parts else {}
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
 def _source_crops(ctx: _StreamContext, segments: list[Segment]) -> Iterator[dict[str, np.ndarray]]:

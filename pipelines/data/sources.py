@@ -14,8 +14,10 @@ depends on the file names only, not on the order a filesystem lists them in.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import posixpath
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -126,6 +128,13 @@ class FileRef:
     format: str
     size: int
     version: str
+
+
+def files_digest(refs: Iterable[FileRef], *extra: str) -> str:
+    """A short digest of files (names, sizes, versions) and any ``extra`` settings that decide what
+    is read from them: equal digests mean the same data."""
+    text = "|".join(f"{r.relpath}:{r.size}:{r.version}" for r in refs) + "|" + "|".join(extra)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def hub_repo(path: str) -> str | None:

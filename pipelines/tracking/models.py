@@ -56,7 +56,7 @@ _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _LOGGED_MODEL = re.compile(r"^models:/(m-[0-9a-f]+)$")  # not models:/m-name@alias or /1
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CHECKPOINT = re.compile(r"^checkpoint_(\d+)$")
-_HF_SUBDIR = "hf"  # pipelines.train.checkpoint.HF_DIR (not imported: that module imports torch)
+_HF_SUBDIR = "hf"  # the layout of pipelines.train.checkpoint (a layer above: not imported)
 
 
 class ModelSourceError(ValueError):
@@ -223,7 +223,7 @@ def _hf_dir_in(source: str, path: Path) -> tuple[Path, str | None]:
 
 def _checkpoint_run_id(checkpoint: Path) -> str | None:
     try:
-        return json.loads((checkpoint / "train_state.json").read_text()).get("run_id")
+        return json.loads((checkpoint / "state.json").read_text()).get("run_id")
     except (OSError, json.JSONDecodeError):
         return None
 

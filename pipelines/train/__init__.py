@@ -1,4 +1,11 @@
-"""MLM pretraining with Ray Train and DeepSpeed (see ``pretrain.run_pretraining``)."""
+"""Training on Ray Train with DeepSpeed (ZeRO 0-3) or DDP, tracked in MLflow.
+
+One training core runs on every worker (``core``: seeding, engine, restore, the step loop,
+evaluation, checkpoints, exports, metrics); a task plugs into it (``mlm``: masked-language
+modelling on the crop stream, ``classify``: sequence classification). The drivers start runs
+through one launcher (``launch``): ``pretrain.run_pretraining`` and the fine-tuning stages of
+``finetune``, which ``pipelines.workflow.recipe`` chains into recipes.
+"""
 
 from pipelines.train.config import PretrainConfig
 from pipelines.train.pretrain import PretrainResult, run_pretraining

@@ -1,227 +1,259 @@
-"""Checkpoint I/O of pretraining: the one component that writes, reports and reads checkpoints.
+"""Checkpoints: the one component that writes, reports, verifies and reads them, for every task.
 
 Layout of a checkpoint (one folder in Ray Train's storage, merged from every rank's files):
 
-    train_state.json          rank 0: format version, step, data position, run id, config hash
-    rng/rank_00000.pt         each rank: torch, numpy and Python RNG states
-    deepspeed/step_00000120/  each rank's DeepSpeed files (model, optimizer and schedule state;
-    deepspeed/latest          ZeRO shards are per rank)
-    hf/                       export checkpoints only: the consolidated fp32 weights in
-                              perceiver_core's Hugging Face format (config.json, model.safetensors)
+    state.json                 rank 0: format version, step, the core's and the task's state
+    rng/rank_00000.json        each rank: torch, CUDA, NumPy and Python RNG states
+    engine/step_00000120/      each rank's engine files (DeepSpeed: model, optimizer and schedule
+                               state, ZeRO shards per rank; DDP: one file per rank)
+    hf/                        export checkpoints only: the consolidated fp32 weights in
+                               perceiver_core's Hugging Face format (config.json, model.safetensors)
+    integrity/rank_00000.json  each rank: a keyed digest of every file it wrote
 
 Every rank writes its part into a local temporary folder and calls ``ray.train.report`` with it;
-Ray Train uploads and merges the parts (a local path or s3://). On resume every rank loads the
-DeepSpeed state into a freshly built engine, then its RNG state (by rank; a rank the checkpoint
-lacks keeps its fresh seed). ``train_state.json`` carries ``format_version``; a checkpoint written
-by a newer layout is refused rather than misread.
+Ray Train uploads and merges the parts (a local path or s3://). On resume every rank verifies the
+whole folder, then loads the engine state into a freshly built engine and its RNG state (a rank
+the checkpoint lacks keeps its fresh seed).
 
-Beside the checkpoints, in the run's storage folder, ``resume_pointer.json`` holds a data position
-for the stream factory (see ``pipelines.train.data``).
+Nothing a resume reads can run code planted in the storage, which a whole cluster shares and
+RayJob retries resume from automatically. State and RNG states are JSON. The engine's files are
+pickles (DeepSpeed opens them with ``torch.load(weights_only=False)``), so before anything is
+opened, every file of the checkpoint is checked against an HMAC-SHA256 written with it, keyed by a
+secret that never goes to the storage: ``PERCEIVER_CHECKPOINT_KEY``, else a key file created once
+per user (``~/.config/perceiver/checkpoint.key``, readable by its owner only). The digest covers
+the run name, the checkpoint's folder name and the file's path, so files cannot be moved between
+checkpoints or runs either. A file that was changed, added, or written with another key stops the
+resume with ``CheckpointIntegrityError`` naming it.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import logging
+import os
 import random
+import secrets
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from pipelines.train.data import DataPosition
-
-if TYPE_CHECKING:
-    from deepspeed import DeepSpeedEngine
-
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-STATE_FILE = "train_state.json"
+FORMAT_VERSION = 2
+STATE_FILE = "state.json"
+ENGINE_DIR = "engine"
+RNG_DIR = "rng"
 HF_DIR = "hf"
-POINTER_FILE = "resume_pointer.json"
+INTEGRITY_DIR = "integrity"
+KEY_ENV = "PERCEIVER_CHECKPOINT_KEY"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message names the file."""
+
+
+class CheckpointIntegrityError(CheckpointError):
+    """A checkpoint file changed since it was written, or written with another key."""
 
 
 @dataclass(frozen=True)
 class TrainState:
-    """What besides DeepSpeed's state a resumed run needs."""
+    """What besides the engine's state a resumed run needs.
+
+    progress: the training core's (evaluations, best score and step, evaluations without
+        improvement, stopped early); task: the task's own (the data position of a stream).
+    """
 
     step: int
-    position: DataPosition
-    run_id: str | None
+    run_id: str
     config_hash: str
     world_size: int
-    zero_stage: int
+    progress: dict[str, Any] = field(default_factory=dict)
+    task: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        data = {
-            "format_version": FORMAT_VERSION,
-            "step": self.step,
-            "position": self.position.to_dict(),
-            "run_id": self.run_id,
-            "config_hash": self.config_hash,
-            "world_size": self.world_size,
-            "zero_stage": self.zero_stage,
-        }
-        return json.dumps(data, indent=2, sort_keys=True)
+        return json.dumps({"format_version": FORMAT_VERSION, **asdict(self)}, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> TrainState:
         data = json.loads(text)
-        version = data.get("format_version")
+        version = data.pop("format_version", None)
         if version != FORMAT_VERSION:
-            raise ValueError(
-                f"checkpoint format {version} is not {FORMAT_VERSION}, the one this code reads"
+            raise CheckpointError(
+                f"checkpoint format {version} is not {FORMAT_VERSION}, the one this code reads; "
+                "resume it with the version of the code that wrote it, or start a new run.name"
             )
-        return cls(
-            step=int(data["step"]),
-            position=DataPosition.from_dict(data["position"]),
-            run_id=data["run_id"],
-            config_hash=data["config_hash"],
-            world_size=int(data["world_size"]),
-            zero_stage=int(data["zero_stage"]),
-        )
+        return cls(**data)
 
 
-class ResumePointer:
-    """A data position stored in the run's storage folder (local or s3://), read by the stream
-    factory before workers start. pyarrow's filesystems give one code path for both."""
-
-    def __init__(self, run_dir: str) -> None:
-        self.run_dir = run_dir.rstrip("/")
-
-    def _fs(self) -> tuple[Any, str]:
-        import pyarrow.fs
-
-        fs, path = pyarrow.fs.FileSystem.from_uri(self.run_dir)
-        return fs, f"{path}/{POINTER_FILE}"
-
-    def read(self) -> int:
-        import pyarrow.fs
-
-        fs, path = self._fs()
-        if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
-            return 0
-        with fs.open_input_stream(path) as f:
-            return int(json.loads(f.read().decode())["watermark"])
-
-    def write(self, watermark: int) -> None:
-        fs, path = self._fs()
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{path}.tmp"
-        with fs.open_output_stream(tmp) as f:
-            f.write(json.dumps({"watermark": watermark}).encode())
-        fs.move(tmp, path)  # atomic on local disks; S3 writes whole objects anyway
-
-
-def rng_state() -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_worker_state(engine: Any, root: Path, subdir: str, step: int, rank: int) -> None:
-    """This rank's part of a checkpoint folder: the engine's state (DeepSpeed, or the DDP engine
-    of pipelines.train.ddp) under ``root/subdir`` tagged ``step_N``, and its RNG states."""
-    engine.save_checkpoint(str(root / subdir), tag=f"step_{step:08d}")
-    (root / "rng").mkdir(exist_ok=True)
-    torch.save(rng_state(), root / "rng" / f"rank_{rank:05d}.pt")
-
-
-def load_worker_state(engine: Any, root: Path, subdir: str, step: int, rank: int) -> bool:
-    """Load what ``save_worker_state`` wrote into a freshly built engine and this process's RNGs;
-    False when the folder has no RNG state for this rank (a checkpoint of fewer workers)."""
-    tag = f"step_{step:08d}"
-    path, _ = engine.load_checkpoint(str(root / subdir), tag=tag)
-    if path is None:
-        raise RuntimeError(f"the engine found no checkpoint {tag} in {root / subdir}")
-    rng = root / "rng" / f"rank_{rank:05d}.pt"
-    if not rng.exists():
-        return False
-    set_rng_state(torch.load(rng, weights_only=False))
-    return True
+def checkpoint_key() -> bytes:
+    """The secret that signs checkpoints: ``PERCEIVER_CHECKPOINT_KEY``, else this user's key file
+    (created on first use). Every process that resumes a run must have the key that wrote it."""
+    env = os.environ.get(KEY_ENV)
+    if env:
+        return env.encode()
+    folder = Path(os.environ.get("PERCEIVER_CONFIG_DIR", "~/.config/perceiver")).expanduser()
+    path = folder / "checkpoint.key"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+    return path.read_bytes().strip()
 
 
 class Checkpointer:
-    """Saves and restores one worker's part of a checkpoint, and keeps the resume pointer."""
+    """Saves, reports and restores one worker's part of a run's checkpoints."""
 
-    def __init__(self, engine: DeepSpeedEngine, rank: int, pointer: ResumePointer) -> None:
+    def __init__(self, engine: Any, rank: int, run_name: str, key: bytes) -> None:
         self.engine = engine
         self.rank = rank
-        self.pointer = pointer
-        # Watermark of the newest checkpoint known to be committed (restored, or reported before
-        # the latest one): what the pointer may safely say.
-        self._committed_watermark = 0
-        self.last_saved_step: int | None = None
-
-    def restore(self, checkpoint: Any) -> TrainState | None:
-        """Load a Ray Train checkpoint (``ray.train.get_checkpoint()``) into the engine and RNGs."""
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            root = Path(folder)
-            state = TrainState.from_json((root / STATE_FILE).read_text())
-            if not load_worker_state(self.engine, root, "deepspeed", state.step, self.rank):
-                log.warning(
-                    "no RNG state for rank %d in the checkpoint; keeping a fresh seed", self.rank
-                )
-        self._committed_watermark = state.position.watermark
-        self.last_saved_step = state.step
-        log.info("restored step %d (%d crops consumed)", state.step, state.position.consumed)
-        return state
+        self.run_name = run_name
+        self.key = key
 
     def save(
         self,
         state: TrainState,
         metrics: dict[str, float],
-        hf_state: dict[str, torch.Tensor] | None = None,
-        model_config: Any = None,
-        after_report: Any = None,
+        export: Callable[[Path], None] | None = None,
+        after_report: Callable[[Path], None] | None = None,
     ) -> None:
-        """Write this rank's part, report it to Ray Train, then run ``after_report(folder)``
-        (rank 0 registers the exported model from ``folder/hf`` there, once it is persisted).
+        """Write this rank's part, report it to Ray Train (a barrier), then ``after_report``.
 
-        ``hf_state`` (rank 0, export checkpoints) is written as the ``hf/`` export.
+        ``export(folder)`` (rank 0, export checkpoints) writes the consolidated model into
+        ``folder``; ``after_report(checkpoint folder)`` runs once the checkpoint is persisted.
         """
         import ray.train
 
-        from perceiver_core.hf import save_pretrained
-        from perceiver_core.model import PerceiverForMaskedLM
-
+        name = f"checkpoint_{state.step:08d}"
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
             root = Path(tmp)
-            save_worker_state(self.engine, root, "deepspeed", state.step, self.rank)
+            self.engine.save_checkpoint(str(root / ENGINE_DIR), tag=_tag(state.step))
+            (root / RNG_DIR).mkdir()
+            (root / RNG_DIR / f"rank_{self.rank:05d}.json").write_text(json.dumps(rng_state()))
             if self.rank == 0:
                 (root / STATE_FILE).write_text(state.to_json())
-                if hf_state is not None:
-                    model = PerceiverForMaskedLM(model_config)
-                    model.load_state_dict(hf_state)
-                    save_pretrained(model, root / HF_DIR)
-                # The pointer lags one checkpoint behind: this one is not committed until Ray
-                # Train has it, the previous one is.
-                self.pointer.write(self._committed_watermark)
+                if export is not None:
+                    export(root / HF_DIR)
+            self._sign(root, name)
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=f"checkpoint_{state.step:08d}",
+                checkpoint_dir_name=name,
             )
             if after_report is not None:
                 after_report(root)
-        self._committed_watermark = state.position.watermark
-        self.last_saved_step = state.step
+
+    def restore(self, checkpoint: Any) -> TrainState | None:
+        """Verify a Ray Train checkpoint (``ray.train.get_checkpoint()``), then load it into the
+        engine and this process's RNGs."""
+        if checkpoint is None:
+            return None
+        name = str(checkpoint.path).rstrip("/").rsplit("/", 1)[-1]
+        with checkpoint.as_directory() as folder:
+            root = Path(folder)
+            self._verify(root, name, where=str(checkpoint.path))
+            state = TrainState.from_json((root / STATE_FILE).read_text())
+            path, _ = self.engine.load_checkpoint(str(root / ENGINE_DIR), tag=_tag(state.step))
+            if path is None:
+                raise CheckpointError(f"{checkpoint.path}: no engine state {_tag(state.step)}")
+            rng = root / RNG_DIR / f"rank_{self.rank:05d}.json"
+            if rng.exists():
+                set_rng_state(json.loads(rng.read_text()))
+            else:
+                log.warning("no RNG state for rank %d in the checkpoint: a fresh seed", self.rank)
+        log.info("restored step %d from %s", state.step, name)
+        return state
+
+    # -- integrity -------------------------------------------------------------------------------
+
+    def _mac(self, scope: str, relpath: str, path: Path) -> str:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        message = f"{self.run_name}/{scope}\n{relpath}\n{digest.hexdigest()}".encode()
+        return hmac.new(self.key, message, hashlib.sha256).hexdigest()
+
+    def _sign(self, root: Path, scope: str) -> None:
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        macs = {
+            str(p.relative_to(root)): self._mac(scope, str(p.relative_to(root)), p) for p in files
+        }
+        (root / INTEGRITY_DIR).mkdir()
+        (root / INTEGRITY_DIR / f"rank_{self.rank:05d}.json").write_text(json.dumps(macs))
+
+    def _verify(self, root: Path, scope: str, where: str) -> None:
+        signed: dict[str, set[str]] = {}
+        manifests = sorted((root / INTEGRITY_DIR).glob("rank_*.json"))
+        if not manifests:
+            raise CheckpointIntegrityError(
+                f"{where}: no {INTEGRITY_DIR}/ digests, so its files cannot be trusted and were "
+                "not loaded (a checkpoint of an older version, or not written by this code)"
+            )
+        for manifest in manifests:
+            try:
+                entries = json.loads(manifest.read_text())
+                for relpath, mac in entries.items():
+                    signed.setdefault(str(relpath), set()).add(str(mac))
+            except (ValueError, AttributeError) as error:
+                raise CheckpointIntegrityError(
+                    f"{where}/{manifest.relative_to(root)}: unreadable digests ({error})"
+                ) from None
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            relpath = str(path.relative_to(root))
+            if relpath.startswith(INTEGRITY_DIR + "/"):
+                continue
+            if relpath not in signed or self._mac(scope, relpath, path) not in signed[relpath]:
+                raise CheckpointIntegrityError(
+                    f"{where}/{relpath}: changed since it was written, or written with another "
+                    f"key ({KEY_ENV}); the file may be malicious and nothing was loaded"
+                )
+
+
+def _tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG this process draws from, as JSON values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": _b64(torch.get_rng_state()),
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+        "python": [version, list(internal), gauss_next],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(_unb64(state["torch"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+def _b64(tensor: torch.Tensor) -> str:
+    return base64.b64encode(tensor.numpy().tobytes()).decode()
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)

@@ -51,7 +51,6 @@ class RunSection:
 class ModelSection:
     """preset: a perceiver_core preset (``language-perceiver`` is the paper's 201M model).
     overrides: PerceiverConfig fields to change, e.g. ``{max_position_embeddings: 256}``.
-    activation_checkpointing: recompute latent-layer activations in backward (less memory).
     init_from: start from trained weights instead of a fresh ``preset``: a registry URI
         (``models:/perceiver-mlm@champion``), an MLflow run id, a checkpoint folder or a Hugging
         Face format directory. Its config.json gives the shapes (``preset`` is then unused;
@@ -60,7 +59,6 @@ class ModelSection:
 
     preset: str = "language-perceiver"
     overrides: dict[str, Any] = field(default_factory=dict)
-    activation_checkpointing: bool = False
     init_from: str | None = None
 
     def __post_init__(self) -> None:
@@ -80,13 +78,13 @@ class ModelSection:
 
 
 @dataclass
-class TrainConfig:
-    """steps: optimizer steps of the whole run.
+class EngineSection:
+    """The Ray Train worker group and its engine, the same for every task.
+
     num_workers / use_gpu / cpus_per_worker: the Ray Train worker group; a worker drives one
         device. Fractional CPUs leave cores to the Ray Data read tasks on small machines.
-    micro_batch_size: crops per worker per forward pass.
-    grad_accum_steps: micro-batches per optimizer step; a step sees
-        ``micro_batch_size * grad_accum_steps * num_workers`` crops.
+    strategy: ``deepspeed`` (ZeRO ``zero_stage`` 0-3) or ``ddp`` (torch DistributedDataParallel
+        through Ray Train; zero_stage must be 0).
     zero_stage: DeepSpeed ZeRO stage (0: plain data parallel; 1-3 shard optimizer state, then
         gradients, then weights).
     precision: ``auto`` is bf16 where supported, else fp16.
@@ -94,6 +92,50 @@ class TrainConfig:
     peak_flops_per_worker: the device's peak FLOP/s, the denominator of MFU (H100 bf16 dense:
         989e12; a CPU core pair here: about 1e11).
     log_every: steps between metric logs (each log averages the steps since the previous one).
+    """
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    strategy: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero_stage: int = 0
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    grad_clip: float = 1.0
+    peak_flops_per_worker: float = 989e12
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("num_workers", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.strategy == "ddp" and self.zero_stage:
+            raise ValueError("zero_stage must be 0 with strategy ddp (ZeRO is DeepSpeed's)")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        if self.peak_flops_per_worker <= 0:
+            raise ValueError("peak_flops_per_worker must be positive")
+
+    def check_optimizer(self, optimizer: OptimizerConfig, key: str = "optimizer") -> None:
+        if optimizer.name == "lamb" and self.zero_stage > 0:
+            raise ValueError(
+                f"{key}.name: lamb needs whole parameter tensors for its per-layer trust ratio, "
+                f"and ZeRO stage {self.zero_stage} hands the optimizer flat shards; use "
+                "zero_stage 0 with lamb, or optimizer.name adamw"
+            )
+
+
+@dataclass
+class TrainConfig(EngineSection):
+    """Pretraining's worker group and engine (``EngineSection``), and:
+
+    steps: optimizer steps of the whole run.
+    micro_batch_size: crops per worker per forward pass.
+    grad_accum_steps: micro-batches per optimizer step; a step sees
+        ``micro_batch_size * grad_accum_steps * num_workers`` crops.
     report_every: steps between metric reports to Ray Train besides those that come with every
         checkpoint (0: only those). A report is a barrier that waits for Ray Train's controller to
         collect the previous one, which it polls every 2 s, so frequent reports stall training;
@@ -105,46 +147,25 @@ class TrainConfig:
     """
 
     steps: int = 500_000
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
     micro_batch_size: int = 64
     grad_accum_steps: int = 1
-    zero_stage: int = 0
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    grad_clip: float = 1.0
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    peak_flops_per_worker: float = 989e12
-    log_every: int = 10
     report_every: int = 0
     prefetch_batches: int = 2
     data_buffer_mb: int = 256
 
     def __post_init__(self) -> None:
-        positive = ("steps", "num_workers", "micro_batch_size", "grad_accum_steps", "log_every")
-        for name in positive:
+        super().__post_init__()
+        for name in ("steps", "micro_batch_size", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.cpus_per_worker <= 0:
-            raise ValueError(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
-        if self.peak_flops_per_worker <= 0:
-            raise ValueError("peak_flops_per_worker must be positive")
         if self.report_every < 0:
             raise ValueError(f"report_every must be >= 0, got {self.report_every}")
         if self.data_buffer_mb < 1:
             raise ValueError(f"data_buffer_mb must be >= 1, got {self.data_buffer_mb}")
         if self.prefetch_batches < 0:
             raise ValueError(f"prefetch_batches must be >= 0, got {self.prefetch_batches}")
-        if self.optimizer.name == "lamb" and self.zero_stage > 0:
-            raise ValueError(
-                "optimizer.name: lamb needs whole parameter tensors for its per-layer trust "
-                f"ratio, and ZeRO stage {self.zero_stage} hands the optimizer flat shards; use "
-                "zero_stage 0 with lamb, or optimizer.name adamw"
-            )
+        self.check_optimizer(self.optimizer)
 
     @property
     def crops_per_step(self) -> int:

@@ -1,11 +1,16 @@
-"""The DeepSpeed engine of one training worker: its config, its creation, and reading its weights.
+"""The engine of one training worker: DeepSpeed (ZeRO 0-3) or plain DistributedDataParallel.
 
-Everything that depends on how DeepSpeed lays out parameters (ZeRO stage, mixed-precision wrapper)
-is in this module, so the training loop only sees ``engine(...)``, ``backward``, ``step``.
+Both present DeepSpeed's slice of an interface that the training core uses: ``engine(**inputs)``,
+``backward(loss)`` and ``step()`` once per micro-batch (the optimizer steps at the end of each
+accumulation), ``get_lr``, ``save_checkpoint`` / ``load_checkpoint``, ``train`` / ``eval``, and
+``module``. Everything that depends on how DeepSpeed lays out parameters (ZeRO stage,
+mixed-precision wrapper) is in this module.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -14,7 +19,7 @@ from torch import nn
 from pipelines.train.optim import OptimizerConfig, build_optimizer, build_scheduler
 
 if TYPE_CHECKING:
-    from deepspeed import DeepSpeedEngine
+    from pipelines.train.config import EngineSection
 
 Precision = Literal["bf16", "fp16", "fp32"]
 
@@ -64,12 +69,50 @@ def deepspeed_config(
     }
 
 
-def create_engine(
+def build_engine(
     model: nn.Module,
-    ds_config: dict[str, Any],
+    settings: EngineSection,
     optimizer: OptimizerConfig,
+    *,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    world_size: int,
     total_steps: int,
-) -> DeepSpeedEngine:
+    rank: int,
+) -> tuple[Any, Precision]:
+    """The engine ``settings.strategy`` names around ``model``, and the precision it runs in."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    precision = resolve_precision(settings.precision, accelerator.is_bf16_supported())
+    if settings.strategy == "ddp":
+        if settings.use_gpu:
+            model = model.to(accelerator.current_device_name())
+        engine = DdpEngine(
+            model,
+            optimizer,
+            total_steps,
+            precision=precision,
+            grad_clip=settings.grad_clip,
+            grad_accum_steps=grad_accum_steps,
+            rank=rank,
+        )
+        return engine, precision
+    ds_config = deepspeed_config(
+        micro_batch_size=micro_batch_size,
+        grad_accum_steps=grad_accum_steps,
+        world_size=world_size,
+        zero_stage=settings.zero_stage,
+        precision=precision,
+        grad_clip=settings.grad_clip,
+        on_gpu=settings.use_gpu,
+    )
+    return create_engine(model, ds_config, optimizer, total_steps), precision
+
+
+def create_engine(
+    model: nn.Module, ds_config: dict[str, Any], optimizer: OptimizerConfig, total_steps: int
+) -> Any:
     """``deepspeed.initialize`` with a torch optimizer (no JIT build of fused ops) and our schedule."""
     import deepspeed
 
@@ -82,13 +125,13 @@ def create_engine(
     return engine
 
 
-def global_grad_norm(engine: DeepSpeedEngine) -> float:
+def global_grad_norm(engine: Any) -> float:
     """The gradient norm of the last optimizer step (before clipping).
 
-    The ZeRO and mixed-precision wrappers record it; plain fp32 at stage 0 does not, and there the
-    gradients are still whole and averaged after the step's backward, so it is computed here. Call
-    it before ``engine.step()`` at an accumulation boundary for the fp32 case; the recorded value
-    is read after.
+    The ZeRO and mixed-precision wrappers and the DDP engine record it; DeepSpeed in plain fp32 at
+    stage 0 does not, and there the gradients are still whole and averaged after the step's
+    backward, so it is computed here. Call it before ``engine.step()`` at an accumulation boundary
+    for that case (``needs_manual_grad_norm``); the recorded value is read after.
     """
     norm = engine.get_global_grad_norm()
     if norm is None:
@@ -97,21 +140,23 @@ def global_grad_norm(engine: DeepSpeedEngine) -> float:
     return float(norm)
 
 
-def needs_manual_grad_norm(engine: DeepSpeedEngine) -> bool:
+def needs_manual_grad_norm(engine: Any) -> bool:
+    if isinstance(engine, DdpEngine):  # records the norm it clips with
+        return False
     return not engine.zero_optimization() and not (
         engine.bfloat16_enabled() or engine.fp16_enabled()
     )
 
 
 @torch.no_grad()
-def full_fp32_state_dict(engine: DeepSpeedEngine, rank: int) -> dict[str, torch.Tensor] | None:
+def full_fp32_state_dict(engine: Any, rank: int) -> dict[str, torch.Tensor] | None:
     """The trained fp32 weights, whole, on rank 0 (None elsewhere). A collective: every rank calls.
 
     The fp32 master weights are what the optimizer updates; the module's bf16/fp16 copies are
     rounded from them. ZeRO 1-3 shard the masters: ``safe_get_full_fp32_param`` gathers one
     parameter at a time (peak memory one parameter, not the model). At stage 0 with bf16/fp16 the
-    unfused wrapper keeps per-parameter masters in ``fp32_groups``; in plain fp32 the module
-    parameters are the masters.
+    unfused wrapper keeps per-parameter masters in ``fp32_groups``; in plain fp32, and under DDP,
+    the module parameters are the masters.
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -122,9 +167,118 @@ def full_fp32_state_dict(engine: DeepSpeedEngine, rank: int) -> dict[str, torch.
             masters.update({id(p): m for p, m in zip(low, high, strict=True)})
     state: dict[str, torch.Tensor] = {}
     for name, param in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(param)
+        full = safe_get_full_fp32_param(param) if engine.zero_optimization() else None
         if full is None:
             full = masters.get(id(param), param)
         if rank == 0:
             state[name] = full.detach().float().cpu().clone()
     return state if rank == 0 else None
+
+
+class DdpEngine:
+    """torch DistributedDataParallel (through Ray Train's ``prepare_model``: gloo on CPU, NCCL on
+    GPU) with a torch optimizer, our schedule, gradient clipping and bf16 autocast, behind the
+    engine interface above. Fine-tuning a 201M model needs no sharding, and some users want the
+    engine they know. A checkpoint is one file per rank, ``<dir>/<tag>/rank_XXXXX.pt``, read back
+    with ``weights_only=True``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerConfig,
+        total_steps: int,
+        *,
+        precision: str,
+        grad_clip: float,
+        grad_accum_steps: int,
+        rank: int,
+    ) -> None:
+        import ray.train.torch
+
+        if precision == "fp16":
+            raise ValueError("train.precision: fp16 needs DeepSpeed's loss scaling; use bf16/fp32")
+        self.rank = rank
+        self.precision = precision
+        self.grad_clip = grad_clip
+        self.accum = grad_accum_steps
+        self.module = model
+        self.wrapped = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+        self.device = next(model.parameters()).device
+        self.optimizer = build_optimizer(model, optimizer)
+        self.scheduler = build_scheduler(optimizer, total_steps)(self.optimizer)
+        self._micro = 0  # micro-batches since the last optimizer step
+        self._grad_norm: float | None = None
+
+    def __call__(self, **inputs: torch.Tensor) -> Any:
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if self.precision == "bf16"
+            else nullcontext()
+        )
+        # Gradients are reduced across workers only on the accumulation's last backward.
+        sync = nullcontext() if self.is_gradient_accumulation_boundary() else self.wrapped.no_sync()
+        with autocast, sync:
+            return self.wrapped(**inputs)
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return self._micro + 1 == self.accum
+
+    def backward(self, loss: torch.Tensor) -> None:
+        sync = nullcontext() if self.is_gradient_accumulation_boundary() else self.wrapped.no_sync()
+        with sync:
+            (loss / self.accum).backward()
+
+    def step(self) -> None:
+        if not self.is_gradient_accumulation_boundary():
+            self._micro += 1
+            return
+        self._micro = 0
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf"))
+        self._grad_norm = float(norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_global_grad_norm(self) -> float | None:
+        return self._grad_norm
+
+    def zero_optimization(self) -> bool:
+        return False
+
+    def bfloat16_enabled(self) -> bool:
+        return self.precision == "bf16"
+
+    def fp16_enabled(self) -> bool:
+        return False
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    def save_checkpoint(self, folder: str, tag: str) -> None:
+        path = Path(folder) / tag
+        path.mkdir(parents=True, exist_ok=True)
+        state = {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+        torch.save(state, path / f"rank_{self.rank:05d}.pt")
+
+    def load_checkpoint(self, folder: str, tag: str) -> tuple[str | None, dict]:
+        path = Path(folder) / tag / f"rank_{self.rank:05d}.pt"
+        if not path.exists():  # another rank's file (a changed world size): rank 0's is complete
+            path = Path(folder) / tag / "rank_00000.pt"
+        if not path.exists():
+            return None, {}
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        return str(path), {}

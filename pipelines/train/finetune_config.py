@@ -26,7 +26,7 @@ from typing import Literal
 
 from pipelines.data.finetune import FinetuneDataConfig
 from pipelines.tracking.config import TrackingConfig
-from pipelines.train.config import RunSection
+from pipelines.train.config import EngineSection, RunSection
 from pipelines.train.optim import OptimizerConfig
 
 
@@ -69,8 +69,8 @@ class StageConfig:
         (0: never stop early). The best evaluation's weights are the stage's result either way.
     eval_every_steps: classify: also evaluate (and checkpoint) every N steps within an epoch (0:
         at the end of each epoch only).
-    crop_len / mask_probability: mlm: crop length in bytes (at most the model's positions) and the
-        share of words masked.
+    crop_len / mask_prob: mlm: crop length in bytes (at most the model's positions) and the
+        probability that a word is masked (as ``data.masking.mask_prob`` in pretraining).
     sweep: classify: a learning-rate x batch-size grid run as parallel trials.
     """
 
@@ -88,7 +88,7 @@ class StageConfig:
     patience: int = 0
     eval_every_steps: int = 0
     crop_len: int = 2048
-    mask_probability: float = 0.15
+    mask_prob: float = 0.15
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
@@ -99,44 +99,25 @@ class StageConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.patience < 0 or self.eval_every_steps < 0:
             raise ValueError("patience and eval_every_steps must be >= 0")
-        if not 0.0 < self.mask_probability < 1.0:
-            raise ValueError(f"mask_probability must be in (0, 1), got {self.mask_probability}")
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
         if self.kind == "mlm" and (self.sweep.enabled or self.freeze_encoder):
             raise ValueError("sweep and freeze_encoder apply to classify stages only")
 
 
 @dataclass
-class FinetuneTrainSection:
-    """The worker group and the engine, shared by all stages.
+class FinetuneTrainSection(EngineSection):
+    """The worker group and the engine, shared by all stages (``EngineSection``), and:
 
-    strategy: ``deepspeed`` (ZeRO ``zero_stage`` 0-3) or ``ddp`` (torch DistributedDataParallel
-        through Ray Train; zero_stage must be 0).
-    precision: as for pretraining (``auto`` is bf16 where supported).
     eval_batch_size: examples per forward pass in evaluation, per worker.
-    log_every: optimizer steps between training-metric logs.
     """
 
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    strategy: Literal["deepspeed", "ddp"] = "deepspeed"
-    zero_stage: int = 0
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    grad_clip: float = 1.0
     eval_batch_size: int = 64
-    log_every: int = 10
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1 or self.eval_batch_size < 1 or self.log_every < 1:
-            raise ValueError("num_workers, eval_batch_size and log_every must be >= 1")
-        if self.cpus_per_worker <= 0:
-            raise ValueError(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.strategy == "ddp" and self.zero_stage:
-            raise ValueError("zero_stage must be 0 with strategy ddp (ZeRO is DeepSpeed's)")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        super().__post_init__()
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
 
 
 @dataclass
@@ -201,6 +182,7 @@ class FinetuneConfig:
             raise ValueError("stages: the last stage must be a classify stage (it is registered)")
         workers = self.train.num_workers
         for i, stage in enumerate(self.stages):
+            self.train.check_optimizer(stage.optimizer, f"stages.{i}.optimizer")
             sizes = stage.sweep.batch_size or [stage.batch_size]
             bad = [b for b in sizes if b % workers]
             if bad:

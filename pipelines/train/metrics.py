@@ -1,20 +1,24 @@
-"""Training and validation numbers: what is accumulated per worker, how it is combined across
-workers, and the progress line on the console.
+"""Training numbers: what each worker accumulates, how the workers' sums are combined, and the
+progress line on the console.
 
-Per log interval every worker adds up its masked-token loss, real bytes, FLOPs, data-wait time and
-compute time; one all-reduce combines them, and rank 0 derives the logged metrics:
+Per log interval every worker adds up its loss (weighted by the targets it averages over: masked
+bytes, or examples), examples, real bytes, FLOPs, data-wait time and step time; one all-reduce
+combines them, and the logging rank derives:
 
-    train/loss, train/bits_per_byte   mean cross-entropy over the interval's masked bytes
+    train/loss                        mean loss per target over the interval
+    train/bits_per_byte               the same in bits (masked-language modelling)
     train/lr, train/grad_norm         schedule value, and the mean pre-clipping gradient norm
     perf/bytes_per_s                  real (non-padding) input bytes per second, all workers
     perf/bytes_per_s_per_worker       the same divided by the number of workers
-    perf/mfu                          model FLOPs (perceiver_core.flops, decoding only the masked
-                                      positions) over elapsed time and the configured peak
+    perf/examples_per_s               crops or examples per second, all workers
+    perf/mfu                          model FLOPs (perceiver_core.flops; masked positions only for
+                                      the MLM decoder) over elapsed time and the configured peak
     perf/data_wait_fraction           share of step time spent waiting for the next batch
     perf/step_time_s                  mean time of a step (data wait, forward, backward, update)
     perf/wall_s_per_step              wall time since the previous log per step: everything the
-                                      loop did, validation, checkpoints and logging included
-    val/loss, val/accuracy, val/bits_per_byte   on the held-out crops (masked bytes only)
+                                      loop did, evaluation, checkpoints and logging included
+    val/<name>                        the task's evaluation (val/loss, val/accuracy, ...)
+    best/<metric>, best/step          the best value so far of the metric that selects weights
 """
 
 from __future__ import annotations
@@ -27,11 +31,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-
-from perceiver_core.config import PerceiverConfig
-from perceiver_core.flops import step_flops
-from perceiver_core.masking import IGNORE_INDEX
 
 LN2 = math.log(2.0)
 
@@ -47,8 +46,9 @@ class Interval:
     """One worker's running sums since the last log."""
 
     device: torch.device
-    loss_sum: torch.Tensor = field(init=False)  # sum over micro-batches of loss * masked count
-    masked: int = 0
+    loss_sum: torch.Tensor = field(init=False)  # sum over micro-batches of loss * targets
+    targets: int = 0
+    examples: int = 0
     real_bytes: int = 0
     flops: float = 0.0
     data_wait_s: float = 0.0
@@ -61,24 +61,23 @@ class Interval:
         # A device tensor: reading the loss every micro-batch would synchronise GPU and host.
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
 
-    def add_micro(self, loss: torch.Tensor, masked: int, real_bytes: int, flops: float) -> None:
-        self.loss_sum += loss.detach().double() * masked
-        self.masked += masked
+    def add(self, loss: torch.Tensor, targets: int, examples: int, real_bytes: int, flops: float):
+        self.loss_sum += loss.detach().double() * targets
+        self.targets += targets
+        self.examples += examples
         self.real_bytes += real_bytes
         self.flops += flops
 
     def reduce(self, world_size: int) -> dict[str, float]:
         """Sums over all workers (a collective: every rank calls it at the same step)."""
+        keys = ("targets", "examples", "real_bytes", "flops", "data_wait_s", "step_time_s")
         local = torch.tensor(
-            [self.masked, self.real_bytes, self.flops, self.data_wait_s, self.step_time_s],
-            dtype=torch.float64,
-            device=self.device,
+            [getattr(self, k) for k in keys], dtype=torch.float64, device=self.device
         )
         values = torch.cat([self.loss_sum.reshape(1), local])
         if world_size > 1:
             dist.all_reduce(values)
-        keys = ("loss_sum", "masked", "real_bytes", "flops", "data_wait_s", "step_time_s")
-        return dict(zip(keys, values.tolist(), strict=True))
+        return dict(zip(("loss_sum", *keys), values.tolist(), strict=True))
 
 
 def interval_metrics(
@@ -88,101 +87,86 @@ def interval_metrics(
     world_size: int,
     lr: float,
     peak_flops_per_worker: float,
+    per_byte_loss: bool,
 ) -> dict[str, float]:
     """The logged numbers of one interval from its all-reduced ``totals``."""
     steps = max(1, interval.steps)
-    # Wall time of the interval's steps, as rank 0 saw them (ranks move in lockstep).
+    # Time of the interval's steps, as this rank saw them (ranks move in lockstep).
     elapsed = max(interval.step_time_s, 1e-9)
-    loss = totals["loss_sum"] / max(1.0, totals["masked"])
-    mean_step_time = totals["step_time_s"] / world_size
-    return {
+    loss = totals["loss_sum"] / max(1.0, totals["targets"])
+    metrics = {
         "train/loss": loss,
-        "train/bits_per_byte": bits_per_byte(loss),
         "train/lr": lr,
         "train/grad_norm": interval.grad_norm_sum / steps,
         "perf/bytes_per_s": totals["real_bytes"] / elapsed,
         "perf/bytes_per_s_per_worker": totals["real_bytes"] / elapsed / world_size,
-        "perf/mfu": totals["flops"] / elapsed / (peak_flops_per_worker * world_size),
+        "perf/examples_per_s": totals["examples"] / elapsed,
         "perf/data_wait_fraction": totals["data_wait_s"] / max(totals["step_time_s"], 1e-9),
-        "perf/step_time_s": mean_step_time / steps,
+        "perf/step_time_s": totals["step_time_s"] / world_size / steps,
         "perf/wall_s_per_step": (time.perf_counter() - interval.started) / steps,
     }
+    if per_byte_loss:
+        metrics["train/bits_per_byte"] = bits_per_byte(loss)
+    if totals["flops"] > 0:
+        metrics["perf/mfu"] = totals["flops"] / elapsed / (peak_flops_per_worker * world_size)
+    return metrics
 
 
-class FlopsCounter:
-    """Training FLOPs of a micro-batch, by the number of positions it decodes (cached)."""
+class ProgressLine:
+    """The console's view of a run, written by the logging rank: a line per training log (step,
+    loss, rate, ETA) and a line per evaluation. A metrics sink like the MLflow one."""
 
-    def __init__(self, config: PerceiverConfig, batch_size: int, seq_len: int) -> None:
-        self.config, self.batch_size, self.seq_len = config, batch_size, seq_len
-        self._cache: dict[int, int] = {}
-
-    def __call__(self, decoded_positions: int) -> int:
-        if decoded_positions not in self._cache:
-            self._cache[decoded_positions] = step_flops(
-                self.config, self.batch_size, self.seq_len, decoded_positions=decoded_positions
-            ).total
-        return self._cache[decoded_positions]
-
-
-@torch.no_grad()
-def masked_lm_sums(
-    logits: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None, labels: torch.Tensor
-) -> torch.Tensor:
-    """[summed cross-entropy (nats), correct predictions, count] over the decoded masked bytes."""
-    pos = positions.expand(labels.shape[0], -1) if positions.dim() == 1 else positions
-    targets = labels.gather(1, pos).long()
-    if valid is not None:
-        targets = targets.masked_fill(~valid, IGNORE_INDEX)
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
-    flat_targets = targets.reshape(-1)
-    nll = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    counted = flat_targets != IGNORE_INDEX
-    correct = ((flat_logits.argmax(dim=-1) == flat_targets) & counted).sum()
-    return torch.stack([nll.double(), correct.double(), counted.sum().double()])
-
-
-def validation_metrics(sums: torch.Tensor) -> dict[str, float]:
-    nll, correct, count = (float(v) for v in sums.tolist())
-    loss = nll / max(count, 1.0)
-    return {
-        "val/loss": loss,
-        "val/accuracy": correct / max(count, 1.0),
-        "val/bits_per_byte": bits_per_byte(loss),
-    }
-
-
-class ConsoleSink:
-    """The progress line: step, loss, rate and ETA, written by the logging rank."""
-
-    def __init__(self, total_steps: int, start_step: int) -> None:
+    def __init__(self, name: str, total_steps: int, start_step: int, epoch_steps: int = 0) -> None:
+        self.name = name
         self.total_steps = total_steps
         self.start_step = start_step
+        self.epoch_steps = epoch_steps
         self.started = time.perf_counter()
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        done = step - self.start_step
-        elapsed = time.perf_counter() - self.started
-        parts = [f"step {step}/{self.total_steps}"]
-        if "train/loss" in metrics:
-            parts.append(f"loss {metrics['train/loss']:.4f}")
-            parts.append(f"lr {metrics['train/lr']:.2e}")
-            parts.append(f"{_si(metrics['perf/bytes_per_s'])}B/s")
-            parts.append(f"mfu {metrics['perf/mfu']:.1%}")
-        if "val/loss" in metrics:
-            parts.append(f"val loss {metrics['val/loss']:.4f} acc {metrics['val/accuracy']:.3f}")
-        if done > 0:
-            rate = done / elapsed
-            parts.append(f"{rate:.2f} steps/s")
-            parts.append(f"ETA {duration((self.total_steps - step) / rate)}")
         # A logger, not print: Ray Train routes a worker's print through its own logging and
         # echoes it as well, which shows every line twice.
-        progress.info(" | ".join(parts))
+        if "train/loss" in metrics:
+            progress.info(" | ".join([self.name, *self._train_parts(step, metrics)]))
+        values = {k[4:]: v for k, v in metrics.items() if k.startswith("val/")}
+        if values:
+            parts = [f"{self.name} | step {step} | val " + _pairs(values)]
+            best = {
+                k[5:]: v for k, v in metrics.items() if k.startswith("best/") and k != "best/step"
+            }
+            if best:
+                parts.append("best " + _pairs(best) + f" at step {int(metrics['best/step'])}")
+            progress.info(" | ".join(parts))
+
+    def _train_parts(self, step: int, metrics: Mapping[str, float]) -> list[str]:
+        where = f"step {step}/{self.total_steps}"
+        if self.epoch_steps:
+            epochs = self.total_steps // self.epoch_steps
+            where += f" (epoch {step / self.epoch_steps:.2f}/{epochs})"
+        parts = [
+            where,
+            f"loss {metrics['train/loss']:.4f}",
+            f"lr {metrics['train/lr']:.2e}",
+            f"{_si(metrics['perf/bytes_per_s'])}B/s",
+            f"{metrics['perf/examples_per_s']:.1f} examples/s",
+        ]
+        if "perf/mfu" in metrics:
+            parts.append(f"mfu {metrics['perf/mfu']:.1%}")
+        done = step - self.start_step
+        if done > 0:
+            rate = done / (time.perf_counter() - self.started)
+            parts.append(f"ETA {duration((self.total_steps - step) / rate)}")
+        return parts
 
     def flush(self, timeout_s: float | None = None) -> bool:
         return True
 
     def close(self) -> None:
         pass
+
+
+def _pairs(values: Mapping[str, float]) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()))
 
 
 def _si(value: float) -> str:

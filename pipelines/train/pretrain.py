@@ -1,11 +1,11 @@
-"""MLM pretraining on Ray Train + DeepSpeed, tracked in MLflow: the pipeline's entry point.
+"""Masked-language-model pretraining on Ray Train, tracked in MLflow: the driver's side.
 
     result = run_pretraining(load_config(PretrainConfig, "jobs/configs/pretrain_tiny.yaml"))
 
-runs on the Ray cluster the process is connected to (``jobs/pretrain.py`` connects). On the driver
-it resolves everything a worker could fail on late (the data index, the stream's length, the
-MLflow run), then starts ``train.num_workers`` Ray Train workers running
-``pipelines.train.loop.train_loop_per_worker``.
+runs on the Ray cluster the process is connected to (``jobs/pretrain.py`` connects). The driver
+resolves everything a worker could fail on late (the data index, the stream's length, the starting
+model, the MLflow run), trains through the training core (``pipelines.train.launch``), then
+registers the final checkpoint's model with its lineage and validation metrics.
 
 Resuming needs nothing but the same ``run.name`` and ``run.storage_path``: Ray Train restores the
 latest checkpoint, the stream factory restarts the data at its position, the MLflow run of that
@@ -15,22 +15,31 @@ same even if files were added since).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from perceiver_core.config import PerceiverConfig
-from pipelines.config import config_hash, to_dict, to_yaml
+from perceiver_core.hf import config_from_hf
+from pipelines.config import config_hash
 from pipelines.data.index import DataIndex, build_index
-from pipelines.data.pretrain import PretrainDataConfig, plan_stream
+from pipelines.data.pretrain import PretrainDataConfig, plan_stream, pretraining_dataset
+from pipelines.data.sources import files_digest
 from pipelines.tracking import registry, runs
-from pipelines.train.checkpoint import HF_DIR, ResumePointer
+from pipelines.tracking.models import resolve_model
+from pipelines.train import export, storage
+from pipelines.train.checkpoint import HF_DIR, checkpoint_key
 from pipelines.train.config import HASH_EXCLUDE, PretrainConfig
-from pipelines.train.data import TrainStreamFactory, stream_slack, validation_dataset
-from pipelines.train.loop import WorkerJob, train_loop_per_worker
+from pipelines.train.core import Schedule, StartingWeights, WorkerJob
+from pipelines.train.launch import fit, open_run
+from pipelines.train.mlm import MaskedLMSpec
+from pipelines.train.position import ResumePointer
+
+if TYPE_CHECKING:
+    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -55,46 +64,117 @@ def run_pretraining(cfg: PretrainConfig, *, workdir: Path | None = None) -> Pret
     """Train (or resume) the run ``cfg.run.name``; returns when the last step is checkpointed and
     its model registered. Needs a connected Ray runtime (``ray.init``)."""
     workdir = (workdir or Path.cwd()).resolve()
-    run_dir = f"{storage_root(cfg.run.storage_path, workdir)}/{cfg.run.name}"
+    run_dir = f"{storage.resolve(cfg.run.storage_path, workdir)}/{cfg.run.name}"
     index = load_or_build_index(cfg.data, run_dir)
     eval_crops = check_data(cfg, index)
     digest = config_hash(cfg, exclude=HASH_EXCLUDE)
     target = runs.resolve_tracking(cfg.tracking.tracking_uri, workdir)
-    model_config, init_dir = resolve_model_config(cfg, target.tracking_uri)
-    client = runs.client_for(target)
-    run_id = _open_run(client, target, cfg, index, digest)
+    model_config, start, parent = resolve_start(cfg, target.tracking_uri)
+    sources = [
+        runs.DataSource(name=s.name, uri=s.path, digest=files_digest(index.sources[i].files))
+        for i, s in enumerate(cfg.data.sources)
+    ]
+    client, run_id = open_run(
+        target,
+        cfg.tracking.experiment,
+        cfg.run.name,
+        cfg,
+        tags={"config_hash": digest, "data.fingerprint": index.fingerprint},
+        sources=sources,
+    )
+    client.log_dict(run_id, index.counters("train"), "data/train_counters.json")
+    t = cfg.train
+    lineage = registry.Lineage(
+        run_id=run_id,
+        step=t.steps,
+        data_fingerprint=index.fingerprint,
+        config_hash=digest,
+        code_version=registry.code_version(),
+        parent=parent,
+        task="mlm",
+    )
     job = WorkerJob(
-        cfg=cfg,
+        name=cfg.run.name,
         run_id=run_id,
         tracking_uri=target.tracking_uri,
         run_dir=run_dir,
+        seed=cfg.run.seed,
+        task=MaskedLMSpec(
+            model_config=model_config,
+            crop_len=cfg.data.packing.crop_len,
+            eval_crops=eval_crops,
+            eval_batch_size=cfg.eval.batch_size,
+            prefetch_batches=t.prefetch_batches,
+            run_dir=run_dir,
+            start=start,
+        ),
+        engine=t,
+        optimizer=t.optimizer,
+        batch_size=t.crops_per_step,
+        micro_batch_size=t.micro_batch_size,
+        schedule=Schedule(
+            steps=t.steps,
+            eval_every=cfg.eval.every,
+            checkpoint_every=cfg.checkpoint.every,
+            export_at=tuple(cfg.checkpoint.export_at),
+            report_every=t.report_every,
+        ),
+        tracking=cfg.tracking,
         config_hash=digest,
-        data_fingerprint=index.fingerprint,
-        code_version=registry.code_version(),
-        eval_crops=eval_crops,
-        model_config=model_config,
-        init_dir=init_dir,
+        checkpoint_key=checkpoint_key(),
+        register_as=cfg.tracking.registered_model if cfg.tracking.register else None,
+        lineage=lineage,
+        debug=cfg.debug,
     )
-    trainer = _trainer(cfg, job, index, run_dir)
     try:
-        result = trainer.fit()
+        result = fit(
+            job,
+            datasets=datasets(cfg, index, run_dir, eval_crops),
+            dataset_config=dataset_config(cfg),
+            keep=cfg.checkpoint.keep,
+            max_failures=cfg.run.max_failures,
+        )
+        checkpoint = result.checkpoint
+        if checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint")
+        # The checkpoint's path within its filesystem has no scheme; the run's folder has.
+        location = f"{run_dir}/{str(checkpoint.path).rstrip('/').rsplit('/', 1)[-1]}"
+        metrics = dict(result.metrics or {})
+        registered = None
+        if cfg.tracking.register:
+            values = {k[4:]: float(v) for k, v in metrics.items() if k.startswith("val/")}
+            registered = export.register(
+                target.tracking_uri,
+                f"{location}/{HF_DIR}",
+                cfg.tracking.registered_model,
+                dataclasses.replace(lineage, metrics=values),
+                timeout_s=cfg.tracking.close_timeout_s,
+            )
     except BaseException:
         runs.finish_run(client, run_id, "FAILED")
         raise
     runs.finish_run(client, run_id)
-    return _result(cfg, job, result, client)
+    return PretrainResult(
+        run_name=cfg.run.name,
+        run_id=run_id,
+        tracking_uri=target.tracking_uri,
+        steps=t.steps,
+        metrics=metrics,
+        checkpoint_path=location,
+        hf_path=f"{location}/{HF_DIR}",
+        registered_model=registered,
+        data_fingerprint=index.fingerprint,
+        config_hash=digest,
+    )
 
 
-def resolve_model_config(
+def resolve_start(
     cfg: PretrainConfig, tracking_uri: str
-) -> tuple[PerceiverConfig, str | None]:
-    """The model's shapes and, with ``model.init_from``, the local folder of its starting weights.
-    A missing or unreadable starting model fails here, before any worker starts."""
+) -> tuple[PerceiverConfig, StartingWeights | None, str | None]:
+    """The model's shapes and, with ``model.init_from``, its starting weights and their registry
+    URI. A missing or unreadable starting model fails here, before any worker starts."""
     if cfg.model.init_from is None:
-        return cfg.model.perceiver_config(), None
-    from perceiver_core.hf import config_from_hf
-    from pipelines.tracking.models import resolve_model
-
+        return cfg.model.perceiver_config(), None, None
     resolved = resolve_model(cfg.model.init_from, tracking_uri=tracking_uri)
     values = json.loads((resolved.hf_dir / "config.json").read_text())
     config = config_from_hf(values).replace(**cfg.model.overrides)
@@ -104,26 +184,16 @@ def resolve_model_config(
             f"max_position_embeddings ({config.max_position_embeddings}) ({cfg.model.init_from})"
         )
     log.info("starting from %s (%s)", cfg.model.init_from, resolved.hf_dir)
-    return config, str(resolved.hf_dir)
-
-
-def storage_root(storage_path: str, workdir: Path) -> str:
-    """Ray Train's storage as an absolute local path or a URI (``s3://...``)."""
-    if "://" in storage_path:
-        return storage_path.rstrip("/")
-    path = Path(storage_path)
-    return str(path if path.is_absolute() else (workdir / path).resolve())
+    start = StartingWeights(str(resolved.hf_dir), cfg.model.init_from, tracking_uri)
+    parent = resolved.registered.registry_uri if resolved.registered else cfg.model.init_from
+    return config, start, parent
 
 
 def load_or_build_index(data: PretrainDataConfig, run_dir: str) -> DataIndex:
     """The run's data index: the one saved with the run (resume), else built now and saved."""
-    import pyarrow.fs
-
-    fs, folder = pyarrow.fs.FileSystem.from_uri(run_dir)
-    path = f"{folder}/{INDEX_FILE}"
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
-        with fs.open_input_stream(path) as f:
-            index = DataIndex.from_json(f.read().decode())
+    text = storage.read_text(f"{run_dir}/{INDEX_FILE}")
+    if text is not None:
+        index = DataIndex.from_json(text)
         try:
             index.check_matches(data)
         except ValueError as error:
@@ -134,9 +204,7 @@ def load_or_build_index(data: PretrainDataConfig, run_dir: str) -> DataIndex:
         log.info("reusing the run's data index %s", index.fingerprint)
         return index
     index = build_index(data)
-    fs.create_dir(folder, recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(index.to_json().encode())
+    storage.write_text(f"{run_dir}/{INDEX_FILE}", index.to_json())
     counters = index.counters("train")
     log.info(
         "built data index %s: %d documents, %d training crops",
@@ -167,115 +235,103 @@ def check_data(cfg: PretrainConfig, index: DataIndex) -> int:
     return min(held_out, cfg.eval.crops)
 
 
-def _open_run(
-    client: Any, target: runs.TrackingTarget, cfg: PretrainConfig, index: DataIndex, digest: str
-) -> str:
-    experiment = runs.experiment_id(client, cfg.tracking.experiment, target.artifact_location)
-    tags = {"config_hash": digest, "data.fingerprint": index.fingerprint}
-    run_id, resumed = runs.start_or_resume_run(client, experiment, cfg.run.name, tags)
-    if resumed:
-        previous = client.get_run(run_id).data.tags.get("config_hash")
-        if previous != digest:
-            log.warning(
-                "resuming run %s with a changed config (%s -> %s)", run_id, previous, digest
-            )
-            client.set_tag(run_id, "config_hash", digest)
-    runs.log_params(client, run_id, runs.flatten(to_dict(cfg)))
-    client.log_text(run_id, to_yaml(cfg), "config/resolved.yaml")
-    client.log_dict(run_id, index.counters("train"), "data/train_counters.json")
-    sources = [
-        runs.DataSource(name=s.name, uri=s.path, digest=_source_digest(index, i))
-        for i, s in enumerate(cfg.data.sources)
-    ]
-    runs.log_data_sources(client, run_id, sources)
-    return run_id
+def datasets(
+    cfg: PretrainConfig, index: DataIndex, run_dir: str, eval_crops: int
+) -> dict[str, Any]:
+    t = cfg.train
+    return {
+        "train": TrainStreamFactory(
+            cfg.data,
+            index,
+            ResumePointer(run_dir),
+            needed=t.steps * t.crops_per_step,
+            slack=stream_slack(cfg.data, cfg.checkpoint.every * t.crops_per_step, t.num_workers),
+        ),
+        # The first eval_crops crops of the held-out split: the same crops at every validation.
+        "validation": pretraining_dataset(cfg.data, index, split="validation").limit(eval_crops),
+    }
 
 
-def _source_digest(index: DataIndex, source: int) -> str:
-    import hashlib
-
-    src = index.sources[source]
-    text = "|".join(f"{f.relpath}:{f.size}:{f.version}" for f in src.files)
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
-
-
-def _trainer(cfg: PretrainConfig, job: WorkerJob, index: DataIndex, run_dir: str) -> Any:
+def dataset_config(cfg: PretrainConfig) -> Any:
+    """Only the training stream is split; every worker reads the same validation crops and
+    evaluates its share. Order is kept so that the stream is the same on every run."""
     import ray.train
     from ray.data import ExecutionOptions, ExecutionResources
-    from ray.train.torch import TorchTrainer
 
-    t = cfg.train
-    env = {**cfg.tracking.worker_env(), "PERCEIVER_CODE_VERSION": job.code_version}
-    for name in ("TORCH_EXTENSIONS_DIR",):  # DeepSpeed's op build cache, if the driver sets one
-        if name in os.environ:
-            env[name] = os.environ[name]
-    storage, _, name = run_dir.rpartition("/")
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"job": job},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=t.num_workers,
-            use_gpu=t.use_gpu,
-            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-            worker_runtime_env={"env_vars": env},
-        ),
-        datasets={
-            "train": TrainStreamFactory(
-                cfg.data,
-                index,
-                ResumePointer(run_dir),
-                needed=t.steps * t.crops_per_step,
-                slack=stream_slack(
-                    cfg.data, cfg.checkpoint.every * t.crops_per_step, t.num_workers
-                ),
-            ),
-            "validation": validation_dataset(cfg.data, index, job.eval_crops),
+    limits = ExecutionResources(object_store_memory=cfg.train.data_buffer_mb * 2**20)
+    return ray.train.DataConfig(
+        datasets_to_split=["train"],
+        execution_options={
+            "train": ExecutionOptions(preserve_order=True, resource_limits=limits),
+            "validation": ExecutionOptions(preserve_order=True),
         },
-        # Only the training stream is split; every worker reads the same validation crops and
-        # evaluates its share. Order is kept so that the stream is the same on every run.
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train"],
-            execution_options={
-                "train": ExecutionOptions(
-                    preserve_order=True,
-                    resource_limits=ExecutionResources(
-                        object_store_memory=t.data_buffer_mb * 2**20
-                    ),
-                ),
-                "validation": ExecutionOptions(preserve_order=True),
-            },
-        ),
     )
 
 
-def _result(cfg: PretrainConfig, job: WorkerJob, result: Any, client: Any) -> PretrainResult:
-    checkpoint = result.checkpoint
-    if checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
-    version = None
-    if cfg.tracking.register:
-        found = registry.find_version(
-            client, cfg.tracking.registered_model, job.run_id, cfg.train.steps
-        )
-        if found is not None:
-            version = registry.RegisteredModel(
-                cfg.tracking.registered_model, str(found.version), found.source
-            )
-    return PretrainResult(
-        run_name=cfg.run.name,
-        run_id=job.run_id,
-        tracking_uri=job.tracking_uri,
-        steps=cfg.train.steps,
-        metrics=dict(result.metrics or {}),
-        checkpoint_path=checkpoint.path,
-        hf_path=f"{checkpoint.path}/{HF_DIR}",
-        registered_model=version,
-        data_fingerprint=job.data_fingerprint,
-        config_hash=job.config_hash,
-    )
+class TrainStreamFactory:
+    """Builds the training stream from the resume pointer's position (``pipelines.train.position``).
+
+    Called by Ray Train in its controller each time it starts a worker group; must be picklable.
+
+    The stream is cut at ``needed + slack`` crops from its start: what the whole run trains on,
+    plus room for the crops a resumed run reads and drops (at most one checkpoint interval, and
+    the blocks some worker took ahead of the others) and for the blocks the workers still hold
+    when training ends. A stream that ends lets Ray Data's executor finish; one that goes on
+    past the run keeps it polling at full speed (about one core) while it waits for the workers.
+    """
+
+    def __init__(
+        self,
+        data: PretrainDataConfig,
+        index: DataIndex,
+        pointer: ResumePointer,
+        needed: int,
+        slack: int,
+    ) -> None:
+        self.data = data
+        self.index = index
+        self.pointer = pointer
+        self.needed = needed
+        self.slack = slack
+
+    def __call__(self) -> ray.data.Dataset:
+        start = self.pointer.read()
+        if start:
+            log.info("training stream starts at crop %d (resume)", start)
+        ds = pretraining_dataset(self.data, self.index, split="train", start=start)
+        ds = bounded_blocks(ds, self.data).limit(max(0, self.needed - start) + self.slack)
+        return ds
+
+
+def bounded_blocks(ds: ray.data.Dataset, data: PretrainDataConfig) -> ray.data.Dataset:
+    """Cap the dataset's blocks near ``data.block_crops`` rows.
+
+    Ray Data merges what a task yields into blocks of up to ``target_max_block_size`` (128 MiB):
+    a whole task's crops, hundreds of thousands at short crop lengths. ``streaming_split`` then
+    divides such a block between workers, so one worker trains far ahead of the other in the
+    stream, and the consumed positions stop being close to a prefix. Small blocks keep the
+    workers side by side (and start training sooner). Sets the dataset's own context only.
+    """
+    target = block_bytes(data)
+    current = ds.context.target_max_block_size
+    if current is None or current > target:
+        ds.context.target_max_block_size = target
+    return ds
+
+
+def block_bytes(data: PretrainDataConfig) -> int:
+    """Target size of a stream block: ``block_crops`` rows, at least 1 MiB."""
+    row_bytes = 4 * data.packing.crop_len + 64  # uint16 ids and int16 labels, plus the scalars
+    return max(1 << 20, data.block_crops * row_bytes)
+
+
+def stream_slack(data: PretrainDataConfig, crops_per_checkpoint: int, world_size: int) -> int:
+    """Crops beyond the run's need that its stream keeps (see ``TrainStreamFactory``).
+
+    Generous on purpose: ``streaming_split`` gives every worker the same number of rows, and the
+    rows a resumed worker drops need not be spread evenly, so each worker's share of the slack
+    covers a whole checkpoint interval; a too-short stream would end the run with an error, an
+    over-long one only costs the production of its tail.
+    """
+    rows_per_block = block_bytes(data) // (4 * data.packing.crop_len + 64) + 1
+    return world_size * (crops_per_checkpoint + 4 * rows_per_block)

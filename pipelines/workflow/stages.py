@@ -101,9 +101,10 @@ def pretrain(ctx: StageContext, params: TrainParams, inputs: ModelInput) -> Pret
 
 
 def finetune(ctx: StageContext, params: TrainParams, inputs: ModelInput) -> FinetuneOutputs:
+    """A fine-tuning recipe, its stages nested under this stage's run."""
     from pipelines.config import load_config
-    from pipelines.train.finetune import run_finetune
     from pipelines.train.finetune_config import FinetuneConfig
+    from pipelines.workflow.recipe import run_finetune
 
     overrides = _train_overrides(ctx, params)
     if inputs.init_model:
@@ -112,7 +113,7 @@ def finetune(ctx: StageContext, params: TrainParams, inputs: ModelInput) -> Fine
     if not cfg.register.enabled:
         raise ValueError(f"stage {ctx.stage}: register.enabled must be on (later stages need it)")
     _quiet_ray_data()
-    result = run_finetune(cfg, workdir=ctx.workdir)
+    result = run_finetune(cfg, workdir=ctx.workdir, parent_run_id=ctx.run_id)
     assert result.registered is not None
     return FinetuneOutputs(
         model_uri=result.registered.registry_uri,

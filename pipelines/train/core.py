@@ -1,0 +1,428 @@
+"""The one training core: the function Ray Train runs on each worker, for every task.
+
+A ``Trainer`` owns what every training run needs: seeding, the engine (DeepSpeed ZeRO 0-3 or
+DDP), restoring the last checkpoint, the step loop with gradient accumulation, the evaluation
+cadence with best-score tracking and early stopping, checkpoint-and-report, exporting the weights
+(the best ones, and the final and requested ones into their checkpoints), the metrics sinks and the
+progress line. A task (``pipelines.train.mlm``, ``pipelines.train.classify``) supplies only its
+data, its model, its evaluation and its own state.
+
+Every collective (gradient reduction, metric all-reduce, evaluation, weight gathering, checkpoint
+report) happens at the same step on every rank, decided by the step number and by evaluation
+results that all ranks share, so the ranks never wait on each other forever.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from perceiver_core.hf import save_pretrained
+from pipelines.tracking.config import TrackingConfig
+from pipelines.tracking.registry import Lineage
+from pipelines.tracking.sink import MetricsSink, MlflowSink, MultiSink, build_sink
+from pipelines.train import export
+from pipelines.train.checkpoint import HF_DIR, Checkpointer, TrainState
+from pipelines.train.config import DebugSection, EngineSection
+from pipelines.train.engine import (
+    build_engine,
+    full_fp32_state_dict,
+    global_grad_norm,
+    needs_manual_grad_norm,
+)
+from pipelines.train.metrics import Interval, ProgressLine, interval_metrics, progress
+from pipelines.train.optim import OptimizerConfig
+from pipelines.train.task_metrics import TaskMetric
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """One micro-batch: the model's inputs, and what the metrics count of it."""
+
+    inputs: dict[str, torch.Tensor]
+    examples: int
+    real_bytes: int  # non-padding input bytes
+    targets: int  # what the loss averages over (masked bytes, or examples)
+    flops: float  # training FLOPs of the micro-batch
+
+
+@dataclass(frozen=True)
+class StartingWeights:
+    """Trained weights a run starts from: ``folder`` as the driver sees it, and ``source`` (a
+    registry URI, run id, ...) from which a node that cannot see the folder fetches them."""
+
+    folder: str
+    source: str
+    tracking_uri: str
+
+    def local(self) -> Path:
+        if (Path(self.folder) / "config.json").is_file():
+            return Path(self.folder)
+        from pipelines.tracking.models import resolve_model  # only where the folder is missing
+
+        return resolve_model(self.source, tracking_uri=self.tracking_uri).hf_dir
+
+
+class Task(Protocol):
+    """What a task supplies to the core (see ``pipelines.train.mlm`` for an example)."""
+
+    metric: TaskMetric  # the evaluation value that picks the best weights and stops early
+    per_byte_loss: bool  # the loss is per byte (log it in bits per byte too)
+
+    def steps_per_epoch(self, batch_size: int) -> int: ...  # 0: a stream without epochs
+    def build_model(self) -> nn.Module: ...  # with its starting weights
+    def batch(self, step: int, micro: int, size: int, device: torch.device) -> Batch: ...
+    def evaluate(self, engine: Any) -> dict[str, float]: ...  # a collective; same on all ranks
+    def train_metrics(self) -> dict[str, float]: ...
+    def before_checkpoint(self) -> None: ...  # a collective
+    def state_dict(self) -> dict[str, Any]: ...  # JSON values
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TaskSpec(Protocol):
+    """The driver's description of a task; builds the task on each worker."""
+
+    def build(self, rank: int, world_size: int) -> Task: ...
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """steps: optimizer steps (0: ``epochs`` passes over the task's data).
+    eval_every: also evaluate every N steps (always at the end, and at each epoch's end).
+    checkpoint_every: checkpoint every N steps (0: after each evaluation); always at the end.
+    export_at: steps whose checkpoint also holds the model in Hugging Face format, registered as
+        ``register_as`` (the final checkpoint always holds it).
+    keep_best: export the weights of each evaluation that improves on the best so far.
+    patience: stop after this many evaluations without improvement (0: never).
+    report_every: report metrics to Ray Train every N steps besides checkpoints (0: never).
+    """
+
+    steps: int = 0
+    epochs: int = 0
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    export_at: tuple[int, ...] = ()
+    keep_best: bool = False
+    patience: int = 0
+    report_every: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What the driver resolved before starting the workers, shipped in ``train_loop_config``.
+
+    batch_size: examples per optimizer step over all workers; micro_batch_size: per forward pass
+    and worker (None: ``batch_size / num_workers``, one forward pass per step). Gradient
+    accumulation makes up the rest.
+    """
+
+    name: str  # the Ray Train run (and the progress lines' label)
+    run_id: str
+    tracking_uri: str
+    run_dir: str
+    seed: int
+    task: TaskSpec
+    engine: EngineSection
+    optimizer: OptimizerConfig
+    batch_size: int
+    micro_batch_size: int | None
+    schedule: Schedule
+    tracking: TrackingConfig
+    config_hash: str
+    checkpoint_key: bytes = field(repr=False)
+    register_as: str | None = None  # the registered model of the exports at schedule.export_at
+    lineage: Lineage | None = None  # of those exports
+    debug: DebugSection = field(default_factory=DebugSection)
+
+
+@dataclass
+class Progress:
+    """The core's state in a checkpoint."""
+
+    evals: int = 0
+    best_score: float | None = None
+    best_step: int = 0
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    bad_evals: int = 0  # evaluations since the last improvement
+    stopped_early: bool = False
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: ``TorchTrainer(train_loop_per_worker, {"job": WorkerJob})``."""
+    import ray.train
+
+    log_to_console()
+    context = ray.train.get_context()
+    Trainer(config["job"], context.get_world_rank(), context.get_world_size()).run()
+
+
+class Trainer:
+    def __init__(self, job: WorkerJob, rank: int, world_size: int) -> None:
+        import ray.train
+
+        self.job, self.rank, self.world_size = job, rank, world_size
+        started = time.perf_counter()
+        self.task = job.task.build(rank, world_size)
+        self.micro = job.micro_batch_size or job.batch_size // world_size
+        self.accum = job.batch_size // (self.micro * world_size)
+        if self.accum < 1 or self.accum * self.micro * world_size != job.batch_size:
+            raise ValueError(
+                f"a batch of {job.batch_size} does not split into micro-batches of {self.micro} "
+                f"on {world_size} workers"
+            )
+        s = job.schedule
+        self.epoch_steps = self.task.steps_per_epoch(job.batch_size)
+        self.total = s.steps or s.epochs * self.epoch_steps
+        if self.total < 1:
+            raise ValueError(f"{job.name}: the data makes no batch of {job.batch_size}")
+        _seed(job.seed)  # the same initial weights on every rank
+        model = self.task.build_model()
+        _seed(job.seed + 1 + rank)  # a different dropout stream per rank
+        self.engine, precision = build_engine(
+            model,
+            job.engine,
+            job.optimizer,
+            micro_batch_size=self.micro,
+            grad_accum_steps=self.accum,
+            world_size=world_size,
+            total_steps=self.total,
+            rank=rank,
+        )
+        self.checkpointer = Checkpointer(self.engine, rank, job.name, job.checkpoint_key)
+        state = self.checkpointer.restore(ray.train.get_checkpoint())
+        self.step = state.step if state else 0
+        self.progress = Progress(**state.progress) if state else Progress()
+        self.task.load_state_dict(state.task if state else {})
+        self.sink: MetricsSink = build_sink(rank, self._make_sink)
+        self.interval = Interval(self.engine.device)
+        log.info(
+            "rank %d: %s engine ready (%s, %d threads, %d x %d per step) in %.1f s, at step %d/%d",
+            rank,
+            job.engine.strategy,
+            precision,
+            torch.get_num_threads(),
+            self.accum,
+            self.micro,
+            time.perf_counter() - started,
+            self.step,
+            self.total,
+        )
+
+    def _make_sink(self) -> MetricsSink:
+        line = ProgressLine(self.job.name, self.total, self.step, self.epoch_steps)
+        mlflow = MlflowSink.from_config(self.job.run_id, self.job.tracking_uri, self.job.tracking)
+        return MultiSink(line, mlflow)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        import ray.train
+
+        report_every = self.job.schedule.report_every
+        try:
+            while self.step < self.total and not self.progress.stopped_early:
+                self._train_step()
+                self.step += 1
+                self._maybe_pause()
+                metrics = self._log_metrics()
+                evaluated = self._is_eval_step()
+                if evaluated:
+                    metrics.update(self._evaluate())
+                if metrics:
+                    self.sink.log(self.step, metrics)
+                if self._is_checkpoint_step(evaluated):
+                    self._checkpoint(metrics)
+                elif report_every and self.step % report_every == 0:
+                    ray.train.report(metrics if self.rank == 0 else {})
+        finally:
+            self.sink.close()
+
+    def _train_step(self) -> None:
+        """One optimizer step: ``accum`` micro-batches, each stepping the engine (which updates
+        the weights after the last)."""
+        started = time.perf_counter()
+        manual_norm = needs_manual_grad_norm(self.engine)
+        norm = 0.0
+        for micro in range(self.accum):
+            waited = time.perf_counter()
+            batch = self.task.batch(self.step, micro, self.micro, self.engine.device)
+            self.interval.data_wait_s += time.perf_counter() - waited
+            out = self.engine(**batch.inputs)
+            self.engine.backward(out.loss)
+            if manual_norm and self.engine.is_gradient_accumulation_boundary():
+                norm = global_grad_norm(self.engine)
+            self.engine.step()
+            self.interval.add(
+                out.loss, batch.targets, batch.examples, batch.real_bytes, batch.flops
+            )
+        if not manual_norm:
+            norm = global_grad_norm(self.engine)
+        self.interval.grad_norm_sum += norm
+        self.interval.steps += 1
+        self.interval.step_time_s += time.perf_counter() - started
+
+    def _log_metrics(self) -> dict[str, float]:
+        if self.step % self.job.engine.log_every and self.step != self.total:
+            return {}
+        totals = self.interval.reduce(self.world_size)  # a collective
+        metrics = interval_metrics(
+            self.interval,
+            totals,
+            world_size=self.world_size,
+            lr=float(self.engine.get_lr()[0]),
+            peak_flops_per_worker=self.job.engine.peak_flops_per_worker,
+            per_byte_loss=self.task.per_byte_loss,
+        )
+        self.interval = Interval(self.engine.device)
+        return {**metrics, **self.task.train_metrics()}
+
+    def _is_eval_step(self) -> bool:
+        every, step = self.job.schedule.eval_every, self.step
+        epoch_end = bool(self.epoch_steps) and step % self.epoch_steps == 0
+        return step == self.total or epoch_end or bool(every and step % every == 0)
+
+    def _is_checkpoint_step(self, evaluated: bool) -> bool:
+        s, step = self.job.schedule, self.step
+        periodic = step % s.checkpoint_every == 0 if s.checkpoint_every else evaluated
+        return periodic or step == self.total or step in s.export_at or self.progress.stopped_early
+
+    # -- evaluation and the best weights -----------------------------------------------------------
+
+    def _evaluate(self) -> dict[str, float]:
+        self.engine.eval()
+        try:
+            values = self.task.evaluate(self.engine)
+        finally:
+            self.engine.train()
+        p, metric, patience = self.progress, self.task.metric, self.job.schedule.patience
+        p.evals += 1
+        if metric.is_better(values[metric.name], p.best_score):
+            p.best_score, p.best_step, p.best_metrics = values[metric.name], self.step, values
+            p.bad_evals = 0
+            if self.job.schedule.keep_best:
+                self._export_best(values)
+        else:
+            p.bad_evals += 1
+            p.stopped_early = bool(patience) and p.bad_evals >= patience
+            if p.stopped_early and self.rank == 0:
+                progress.info("%s | stopping early at step %d", self.job.name, self.step)
+        logged = {f"val/{k}": v for k, v in values.items()}
+        logged[f"best/{metric.name}"] = float(p.best_score)  # type: ignore[arg-type]
+        logged["best/step"] = float(p.best_step)
+        return logged
+
+    def _export_best(self, metrics: dict[str, float]) -> None:
+        weights = full_fp32_state_dict(self.engine, self.rank)  # a collective
+        if self.rank == 0:
+            export.write_best(self.job.run_dir, self.step, self._model(weights), metrics)
+
+    def _model(self, weights: dict[str, torch.Tensor] | None) -> nn.Module:
+        """A plain model of the trained class holding ``weights`` (rank 0)."""
+        module = self.engine.module
+        model = type(module)(module.config)
+        model.load_state_dict(weights)
+        return model
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _checkpoint(self, metrics: dict[str, float]) -> None:
+        # Metrics of the steps up to this checkpoint must be stored before it can be committed:
+        # a run resumed from it does not run those steps again. During an outage the wait is
+        # bounded and the values stay buffered (lost only if this process dies before the server
+        # is back, which the sink reports).
+        if not self.sink.flush(self.job.tracking.checkpoint_flush_s):
+            log.warning("metrics up to step %d not yet stored in MLflow", self.step)
+        self.task.before_checkpoint()  # a collective
+        state = TrainState(
+            step=self.step,
+            run_id=self.job.run_id,
+            config_hash=self.job.config_hash,
+            world_size=self.world_size,
+            progress=dataclasses.asdict(self.progress),
+            task=self.task.state_dict(),
+        )
+        final = self.step == self.total or self.progress.stopped_early
+        requested = self.step in self.job.schedule.export_at
+        weights = full_fp32_state_dict(self.engine, self.rank) if final or requested else None
+        write = None
+        if weights is not None:
+
+            def write(folder: Path) -> None:
+                save_pretrained(self._model(weights), folder)
+
+        register = None
+        if requested and not final and self.job.register_as and self.rank == 0:
+
+            def register(folder: Path) -> None:  # the driver registers the final model
+                self._register(folder / HF_DIR, metrics)
+
+        report = {**metrics, **self.task.train_metrics(), "step": float(self.step)}
+        self.checkpointer.save(
+            state, report if self.rank == 0 else {}, export=write, after_report=register
+        )
+
+    def _register(self, hf_dir: Path, metrics: dict[str, float]) -> None:
+        values = {k[4:]: v for k, v in metrics.items() if k.startswith("val/")}
+        assert self.job.lineage is not None and self.job.register_as is not None
+        lineage = dataclasses.replace(self.job.lineage, step=self.step, metrics=values)
+        try:
+            export.register(
+                self.job.tracking_uri,
+                str(hf_dir),
+                self.job.register_as,
+                lineage,
+                timeout_s=self.job.tracking.close_timeout_s,
+            )
+        except Exception:
+            log.exception("could not register the model of step %d; training goes on", self.step)
+
+    # -- fault injection for tests ---------------------------------------------------------------
+
+    def _maybe_pause(self) -> None:
+        debug = self.job.debug
+        if debug.pause_at_step != self.step or debug.marker_dir is None:
+            return
+        marker = Path(debug.marker_dir) / f"rank{self.rank}.pid"
+        if marker.exists():  # once per run: a restarted worker passes this step normally
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(os.getpid()))
+        time.sleep(debug.pause_s)
+
+
+def gather_arrays(local: np.ndarray, world_size: int) -> np.ndarray:
+    """Every rank's ``local`` array, concatenated, on every rank (a collective)."""
+    if world_size == 1:
+        return local
+    gathered: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, local)
+    return np.concatenate(gathered)
+
+
+def log_to_console() -> None:
+    """This package's INFO lines on the worker's stderr (Ray forwards it to the driver)."""
+    logger = logging.getLogger("pipelines")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # Ray's root handler would print every line a second time
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

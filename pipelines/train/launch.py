@@ -1,0 +1,121 @@
+"""Starting a training run on the driver, the same way for every task: its MLflow run, then its
+Ray Train run (``TorchTrainer`` running ``pipelines.train.core`` on every worker).
+
+Resuming needs nothing but the same run name and storage: the MLflow run of that name is reopened
+and Ray Train restores the latest checkpoint of the Ray Train run of that name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pipelines.config import to_dict, to_yaml
+from pipelines.data.readers import DataError
+from pipelines.tracking import registry, runs
+from pipelines.tracking.config import TrackingConfig
+from pipelines.tracking.models import ModelSourceError
+from pipelines.train.checkpoint import CheckpointError
+from pipelines.train.core import WorkerJob, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+# Driver settings every worker needs too: DeepSpeed's op build cache and the tracking server's
+# credentials (a server with authentication refuses workers without them).
+PASSED_ENV = (
+    "TORCH_EXTENSIONS_DIR",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+
+
+def open_run(
+    target: runs.TrackingTarget,
+    experiment: str,
+    run_name: str,
+    config: Any,
+    *,
+    tags: Mapping[str, str],
+    sources: Iterable[runs.DataSource] = (),
+) -> tuple[Any, str]:
+    """``(client, run_id)`` of the MLflow run ``run_name`` (reopened when it exists), with the
+    config as parameters and as ``config/resolved.yaml``, and the data sources as its inputs."""
+    client = runs.client_for(target)
+    experiment_id = runs.experiment_id(client, experiment, target.artifact_location)
+    run_id, resumed = runs.start_or_resume_run(client, experiment_id, run_name, tags)
+    if resumed:
+        before = client.get_run(run_id).data.tags
+        for key, value in tags.items():
+            if before.get(key) not in (None, value):
+                log.warning(
+                    "run %s resumed with a changed %s (%s -> %s)", run_name, key, before[key], value
+                )
+            client.set_tag(run_id, key, value)
+    runs.log_params(client, run_id, runs.flatten(to_dict(config)))
+    client.log_text(run_id, to_yaml(config), "config/resolved.yaml")
+    sources = list(sources)
+    if sources:
+        runs.log_data_sources(client, run_id, sources)
+    return client, run_id
+
+
+def worker_env(tracking: TrackingConfig) -> dict[str, str]:
+    env = {**tracking.worker_env(), "PERCEIVER_CODE_VERSION": registry.code_version()}
+    env.update({name: os.environ[name] for name in PASSED_ENV if name in os.environ})
+    return env
+
+
+def fit(
+    job: WorkerJob,
+    *,
+    datasets: Mapping[str, Any],
+    dataset_config: Any,
+    keep: int,
+    max_failures: int,
+) -> Any:
+    """Run (or resume) the Ray Train run ``job.run_dir``; its ``Result``. A failure that a worker
+    raised for a reason the user can fix (a checkpoint, the data, the starting model) is re-raised
+    as that error."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    e = job.engine
+    storage_path, _, name = job.run_dir.rpartition("/")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=e.num_workers,
+            use_gpu=e.use_gpu,
+            resources_per_worker={"CPU": e.cpus_per_worker, **({"GPU": 1} if e.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
+            worker_runtime_env={"env_vars": worker_env(job.tracking)},
+        ),
+        datasets=dict(datasets),
+        dataset_config=dataset_config,
+    )
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        cause = worker_cause(error)
+        if cause is not None:
+            raise cause from error
+        raise
+
+
+def worker_cause(error: BaseException) -> BaseException | None:
+    """The error of the lowest failed rank, when it is one of ours that names what to fix."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for _, failure in sorted(failures.items()):
+        for candidate in (failure, getattr(failure, "cause", None)):
+            if isinstance(candidate, CheckpointError | DataError | ModelSourceError):
+                return candidate
+    return None
