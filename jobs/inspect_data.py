@@ -22,8 +22,8 @@ from pathlib import Path
 import yaml
 
 from pipelines.config import ConfigError, add_config_arguments, apply_overrides, from_dict
+from pipelines.data.config import PretrainDataConfig
 from pipelines.data.inspect import inspect_report
-from pipelines.data.pretrain import PretrainDataConfig
 
 
 def load_data_config(path: Path | None, overrides: list[str]) -> PretrainDataConfig:

@@ -15,7 +15,10 @@ import logging
 import sys
 
 from pipelines.config import ConfigError, add_config_arguments, config_from_args
+from pipelines.data.readers import DataError
+from pipelines.tracking.models import ModelSourceError
 from pipelines.train import PretrainConfig, run_pretraining
+from pipelines.train.checkpoint import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     # The training loop prints step, rate and ETA; Ray Data's per-operator bars, redrawn from every
     # worker into one log, would bury them.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    result = run_pretraining(cfg)
+    try:
+        result = run_pretraining(cfg)
+    except (CheckpointError, DataError, ModelSourceError) as error:
+        print(f"error: {error}", file=sys.stderr)  # what to fix is in the message
+        return 2
     summary = {
         "run_id": result.run_id,
         "steps": result.steps,

@@ -23,7 +23,7 @@ from perceiver_core.tokenizer import (
     PAD,
     SEP,
     TextLike,
-    _segment_mask,  # shared ragged-array helper
+    segment_mask,
     utf8_buffer,
 )
 
@@ -183,7 +183,7 @@ def pack_documents(
     group_of_doc = np.arange(len(doc_lens)) // cfg.group_size
     dest = first_crop[group_of_doc] * crop_len + start_in_group
     flat = np.full(n_crops * crop_len, PAD, dtype=np.uint16)
-    slots = _segment_mask(len(flat), dest, doc_lens)
+    slots = segment_mask(len(flat), dest, doc_lens)
     # Documents keep their order in the output, so a boolean scatter of the contiguous source fills
     # exactly the right slots; np.add with a dtype shifts and widens in one pass.
     flat[slots] = np.add(values[offsets[0] : offsets[-1]], BYTE_OFFSET, dtype=np.uint16)

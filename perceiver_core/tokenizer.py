@@ -65,7 +65,7 @@ _SPECIAL_ID = {name.encode(): i for i, name in enumerate(SPECIAL_TOKENS)}
 # ---------------------------------------------------------------------------------------------------
 
 
-def _segment_mask(size: int, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def segment_mask(size: int, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Boolean mask of ``size`` that is True on the disjoint segments ``[start, start + length)``.
 
     A difference array and one cumulative sum: linear in ``size`` with no loop over segments.
@@ -166,7 +166,7 @@ def _ids_with_specials(
     spans = spans[start_doc == end_doc]  # a "match" across two documents is no match
     starts, ends, special = spans[:, 0], spans[:, 1], spans[:, 2]
     removed = ends - starts - 1  # each match keeps its first byte's slot for the special id
-    dropped = _segment_mask(len(buf), starts + 1, removed)
+    dropped = segment_mask(len(buf), starts + 1, removed)
     removed_before = _exclusive_cumsum(removed)
     ids = np.add(buf[~dropped], BYTE_OFFSET, dtype=dtype)
     ids[starts - removed_before[:-1]] = special
@@ -205,7 +205,7 @@ def _take_prefixes(ids: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> np
     """Concatenation of ``ids[off[i] : off[i] + keep[i]]`` (a view when nothing is cut)."""
     if np.array_equal(keep, np.diff(offsets)):
         return ids
-    return ids[_segment_mask(len(ids), offsets[:-1], keep)]
+    return ids[segment_mask(len(ids), offsets[:-1], keep)]
 
 
 def _assemble(
@@ -236,7 +236,7 @@ def _assemble(
         cursor += 1
     for ids, offsets, kept in parts:
         # Row-major boolean assignment fills the slots in the order the sources are concatenated.
-        flat[_segment_mask(size, cursor, kept)] = _take_prefixes(ids, offsets, kept)
+        flat[segment_mask(size, cursor, kept)] = _take_prefixes(ids, offsets, kept)
         cursor += kept
         if add_special_tokens:
             flat[cursor] = SEP

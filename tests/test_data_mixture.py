@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipelines.data.config import MixtureConfig
 from pipelines.data.index import DataIndex, SourceIndex
-from pipelines.data.mixture import MixtureConfig, Schedule, plan
+from pipelines.data.mixture import Schedule, plan
 from pipelines.data.sources import FileRef
 
 

@@ -190,3 +190,26 @@ def test_killed_job_resubmitted_resumes_in_the_same_run(
     final = storage / name / f"checkpoint_{steps:08d}"
     assert consumed_crops(final) == steps * CROPS_PER_STEP
     assert client.get_run(killed_run).info.status == "FINISHED"
+
+    # Someone with write access to the storage plants code in the checkpoint a resume reads.
+    import torch
+
+    marker = tmp_path / "payload-ran"
+    planted = final / "engine" / f"step_{steps:08d}" / "mp_rank_00_model_states.pt"
+    torch.save({"module": Payload(marker)}, planted)
+    third = run_job(args, env, tmp_path / "planted.log")
+    assert third.wait(timeout=300) == 2
+    lines = (tmp_path / "planted.log").read_text().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and planted.name in errors[0] and "nothing was loaded" in errors[0]
+    assert not marker.exists()
+
+
+class Payload:
+    """Creates ``marker`` when unpickled (what a planted checkpoint file would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))

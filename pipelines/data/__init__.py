@@ -11,13 +11,13 @@ index pass, ``units`` for how documents become crops, ``readers``/``sources`` fo
 Fine-tuning: ``finetune_dataset(FinetuneDataConfig(task="glue/sst2"), "train")``.
 """
 
+from pipelines.data.config import MixtureConfig, PretrainDataConfig
 from pipelines.data.finetune import GLUE_TASKS, FinetuneDataConfig, finetune_dataset
 from pipelines.data.index import DataIndex, build_index, build_index_local
 from pipelines.data.inspect import render_crop
-from pipelines.data.mixture import MixtureConfig, Schedule
+from pipelines.data.mixture import Schedule
 from pipelines.data.pretrain import (
     CropCounters,
-    PretrainDataConfig,
     crops_to_torch,
     local_crops,
     plan_stream,

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from perceiver_core.packing import PackingConfig
+from pipelines.data.config import PretrainDataConfig
 from pipelines.data.readers import WHOLE_FILE, BadFileError, parquet_units
 from pipelines.data.sources import FileRef, SourceConfig, list_files, resolve_root
 from pipelines.data.units import SPLITS, DocStats, SplitConfig, pack_chunk, unit_documents
@@ -35,7 +36,6 @@ from pipelines.data.units import SPLITS, DocStats, SplitConfig, pack_chunk, unit
 if TYPE_CHECKING:
     import ray.data
 
-    from pipelines.data.pretrain import PretrainDataConfig
 
 logger = logging.getLogger(__name__)
 

@@ -34,50 +34,13 @@ import hashlib
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
+from pipelines.data.config import MAX_POSITION, MixtureConfig
 from pipelines.data.index import DataIndex
 
 _QUANTUM_SCALE = 1 << 16  # weight resolution: 1 / 65536
-_MAX_POSITION = 1 << 44  # keeps 2 * position * quantum inside int64
-
-
-@dataclass
-class MixtureConfig:
-    """How sources are interleaved (weights are on the sources).
-
-    stopping_strategy: what happens when a source runs out (see the module docstring).
-    balance: ``bytes`` makes the weights shares of real bytes, ``crops`` shares of crops.
-    max_crops: cap on the stream length in crops (required for ``cycle``).
-    shuffle_units: visit each source's units (row groups, JSON files) in a seeded order, new for
-        every pass; documents inside a unit keep their file order (groups are consecutive rows).
-    seed: seed of that order.
-    """
-
-    stopping_strategy: Literal["all_exhausted", "first_exhausted", "cycle"] = "all_exhausted"
-    balance: Literal["bytes", "crops"] = "bytes"
-    max_crops: int | None = None
-    shuffle_units: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        strategies = ("all_exhausted", "first_exhausted", "cycle")
-        if self.stopping_strategy not in strategies:
-            raise ValueError(
-                f"stopping_strategy must be one of {strategies}, got {self.stopping_strategy!r}"
-            )
-        if self.balance not in ("bytes", "crops"):
-            raise ValueError(f"balance must be 'bytes' or 'crops', got {self.balance!r}")
-        if self.max_crops is not None and not 0 < self.max_crops < _MAX_POSITION:
-            raise ValueError(
-                f"max_crops must be a positive integer or null, got {self.max_crops!r}"
-            )
-        if self.stopping_strategy == "cycle" and self.max_crops is None:
-            raise ValueError("max_crops must be set when stopping_strategy is 'cycle'")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
 
 
 class Schedule:
@@ -120,14 +83,14 @@ class Schedule:
         q, total, n = self.quanta[source], sum(self.quanta), len(self.quanta)
         lo = np.ones_like(need)
         # The count of ``source`` reaches ``need`` by ``hi``; the cap keeps counts() in int64.
-        hi = np.minimum((need + n + 1) * total // q + n + 2, _MAX_POSITION)
+        hi = np.minimum((need + n + 1) * total // q + n + 2, MAX_POSITION)
         while np.any(lo < hi):
             mid = (lo + hi) // 2
             ok = self.counts(mid)[source] >= need
             hi = np.where(ok, mid, hi)
             lo = np.where(ok, lo, mid + 1)
         if np.any(self.counts(lo)[source] < need):
-            raise ValueError(f"stream positions beyond {_MAX_POSITION} are not supported")
+            raise ValueError(f"stream positions beyond {MAX_POSITION} are not supported")
         return lo - 1
 
 

@@ -39,10 +39,11 @@ import numpy as np
 
 from perceiver_core.masking import IGNORE_INDEX, MaskingConfig, mask_batch
 from perceiver_core.packing import PackingConfig
+from pipelines.data.config import PretrainDataConfig
 from pipelines.data.index import DataIndex
-from pipelines.data.mixture import MixtureConfig, Plan, Schedule, Segment, plan
-from pipelines.data.readers import DataError, ReadConfig
-from pipelines.data.sources import FileRef, SourceConfig, default_sources
+from pipelines.data.mixture import Plan, Schedule, Segment, plan
+from pipelines.data.readers import DataError
+from pipelines.data.sources import FileRef, SourceConfig
 from pipelines.data.units import (
     SPLITS,
     TRAIN,
@@ -57,46 +58,6 @@ from pipelines.data.units import (
 if TYPE_CHECKING:
     import ray.data
     import torch
-
-
-@dataclass
-class PretrainDataConfig:
-    """Everything that decides the pretraining crops.
-
-    sources: corpora and their weights (default: C4 ``en`` 0.7, Wikipedia ``20231101.en`` 0.3).
-    data_dir: local mirror of the Hub: ``hf://datasets/ORG/NAME`` reads ``DATA_DIR/NAME``.
-    packing / masking: perceiver_core's settings (groups of 10, 2048-byte crops, 15% of words).
-    split: the held-out validation split by document hash.
-    mixture: interleaving, stopping strategy, unit order.
-    read: bad-file policy and read chunk size.
-    task_crops: positions per Ray task, at least (bigger: fewer, longer tasks).
-    block_crops: crops per output block and per masking call.
-    """
-
-    sources: list[SourceConfig] = field(default_factory=default_sources)
-    data_dir: str | None = None
-    packing: PackingConfig = field(default_factory=PackingConfig)
-    masking: MaskingConfig = field(default_factory=MaskingConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    mixture: MixtureConfig = field(default_factory=MixtureConfig)
-    read: ReadConfig = field(default_factory=ReadConfig)
-    task_crops: int = 16384
-    block_crops: int = 256
-
-    def __post_init__(self) -> None:
-        if not self.sources:
-            raise ValueError("sources must list at least one source")
-        names = [s.name for s in self.sources]
-        if len(set(names)) != len(names):
-            raise ValueError(f"sources must have distinct names, got {names}")
-        if len(self.sources) > 255:
-            raise ValueError("at most 255 sources (the source column is uint8)")
-        if self.packing.crop_len > 65535:
-            raise ValueError("packing.crop_len must fit uint16 (<= 65535)")
-        for name in ("task_crops", "block_crops"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)

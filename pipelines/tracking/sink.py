@@ -29,10 +29,9 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from pipelines.tracking.config import TrackingConfig
+from pipelines.tracking.config import TrackingConfig
 
 log = logging.getLogger(__name__)
 

@@ -123,6 +123,20 @@ class Checkpointer:
         self.run_name = run_name
         self.key = key
 
+    def write(
+        self, root: Path, state: TrainState, export: Callable[[Path], None] | None = None
+    ) -> None:
+        """This rank's part of the checkpoint of ``state.step`` in the local folder ``root``,
+        signed. ``export(folder)`` (rank 0, export checkpoints) writes the consolidated model."""
+        self.engine.save_checkpoint(str(root / ENGINE_DIR), tag=_tag(state.step))
+        (root / RNG_DIR).mkdir()
+        (root / RNG_DIR / f"rank_{self.rank:05d}.json").write_text(json.dumps(rng_state()))
+        if self.rank == 0:
+            (root / STATE_FILE).write_text(state.to_json())
+            if export is not None:
+                export(root / HF_DIR)
+        self._sign(root, checkpoint_name(state.step))
+
     def save(
         self,
         state: TrainState,
@@ -130,31 +144,19 @@ class Checkpointer:
         export: Callable[[Path], None] | None = None,
         after_report: Callable[[Path], None] | None = None,
     ) -> None:
-        """Write this rank's part, report it to Ray Train (a barrier), then ``after_report``.
-
-        ``export(folder)`` (rank 0, export checkpoints) writes the consolidated model into
-        ``folder``; ``after_report(checkpoint folder)`` runs once the checkpoint is persisted.
-        """
+        """Write this rank's part, report it to Ray Train (a barrier, which uploads and merges the
+        parts), then ``after_report(folder)``, once the checkpoint is persisted."""
         import ray.train
 
-        name = f"checkpoint_{state.step:08d}"
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            root = Path(tmp)
-            self.engine.save_checkpoint(str(root / ENGINE_DIR), tag=_tag(state.step))
-            (root / RNG_DIR).mkdir()
-            (root / RNG_DIR / f"rank_{self.rank:05d}.json").write_text(json.dumps(rng_state()))
-            if self.rank == 0:
-                (root / STATE_FILE).write_text(state.to_json())
-                if export is not None:
-                    export(root / HF_DIR)
-            self._sign(root, name)
+            self.write(Path(tmp), state, export)
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=name,
+                checkpoint_dir_name=checkpoint_name(state.step),
             )
             if after_report is not None:
-                after_report(root)
+                after_report(Path(tmp))
 
     def restore(self, checkpoint: Any) -> TrainState | None:
         """Verify a Ray Train checkpoint (``ray.train.get_checkpoint()``), then load it into the
@@ -221,6 +223,10 @@ class Checkpointer:
                     f"{where}/{relpath}: changed since it was written, or written with another "
                     f"key ({KEY_ENV}); the file may be malicious and nothing was loaded"
                 )
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
 
 
 def _tag(step: int) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from perceiver_core.config import PRESETS, PerceiverConfig, get_preset
-from pipelines.data.pretrain import PretrainDataConfig
+from pipelines.data.config import PretrainDataConfig
 from pipelines.tracking.config import TrackingConfig
 from pipelines.train.optim import OptimizerConfig
 

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from pipelines.train.config import EngineSection
 from pipelines.train.optim import OptimizerConfig, build_optimizer, build_scheduler
-
-if TYPE_CHECKING:
-    from pipelines.train.config import EngineSection
 
 Precision = Literal["bf16", "fp16", "fp32"]
 

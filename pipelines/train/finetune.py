@@ -19,9 +19,8 @@ from perceiver_core.hf import config_from_hf
 from perceiver_core.masking import MaskingConfig
 from perceiver_core.packing import PackingConfig
 from pipelines.config import config_hash
+from pipelines.data.config import MixtureConfig, PretrainDataConfig
 from pipelines.data.finetune import FinetuneDataConfig, finetune_dataset, finetune_files
-from pipelines.data.mixture import MixtureConfig
-from pipelines.data.pretrain import PretrainDataConfig
 from pipelines.data.sources import SourceConfig, files_digest
 from pipelines.data.units import SplitConfig
 from pipelines.tracking import registry, runs

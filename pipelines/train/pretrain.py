@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 from perceiver_core.config import PerceiverConfig
 from perceiver_core.hf import config_from_hf
 from pipelines.config import config_hash
+from pipelines.data.config import PretrainDataConfig
 from pipelines.data.index import DataIndex, build_index
-from pipelines.data.pretrain import PretrainDataConfig, plan_stream, pretraining_dataset
+from pipelines.data.pretrain import plan_stream, pretraining_dataset
 from pipelines.data.sources import files_digest
 from pipelines.tracking import registry, runs
 from pipelines.tracking.models import resolve_model
