@@ -393,6 +393,17 @@ def test_ray_token_auth_from_secret_in_every_ray_container() -> None:
             assert "submitterPodTemplate" in doc["spec"], f"{label}: no submitterPodTemplate"
 
 
+def test_ray_heads_and_only_heads_get_the_checkpoint_key() -> None:
+    """The drivers (on the head) sign and verify checkpoints; workers get the key from them."""
+    key = {"secretRef": {"name": "checkpoint-key"}}
+    assert "PERCEIVER_CHECKPOINT_KEY" in secret_templates()["checkpoint-key"]["stringData"]
+    for label, doc in KUBERAY:
+        for where, template in ray_pod_templates(doc):
+            for container in template["spec"]["containers"]:
+                sources = container.get("envFrom", [])
+                assert (key in sources) == where.startswith("head"), f"{label} {where}"
+
+
 def test_secret_looking_env_vars_come_from_secrets() -> None:
     for label, doc in documents():
         for spec in pod_specs(doc):
