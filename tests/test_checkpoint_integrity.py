@@ -11,15 +11,10 @@ setup is once per process and must not leak into the test session's Ray driver.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-from fixtures_train import free_port
+from fixtures_train import run_single_process_script
 
 SCRIPT = textwrap.dedent(
     """
@@ -119,25 +114,7 @@ SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def outcome(tmp_path_factory: pytest.TempPathFactory) -> dict:
     work = tmp_path_factory.mktemp("integrity")
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(work), str(work / "payload-ran")],
-        env=env,
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT"))
-    return json.loads(line[len("RESULT") :])
+    return run_single_process_script(SCRIPT, str(work), str(work / "payload-ran"))
 
 
 @pytest.mark.slow

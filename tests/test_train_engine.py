@@ -5,14 +5,10 @@ process (and must not leak into the test session's Ray driver)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-from fixtures_train import free_port
+from fixtures_train import run_single_process_script
 
 SCRIPT = textwrap.dedent(
     """
@@ -73,25 +69,8 @@ CASES = [(0, "bf16", "lamb"), (0, "fp32", "lamb"), (2, "bf16", "adamw"), (3, "bf
 @pytest.fixture(scope="module")
 def results() -> dict[tuple[int, str, str], dict]:
     """All cases in one subprocess: DeepSpeed starts once and builds a new engine per case."""
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(CASES)],
-        env=env,
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT"))
-    return dict(zip(CASES, json.loads(line[len("RESULT") :]), strict=True))
+    outcomes = run_single_process_script(SCRIPT, json.dumps(CASES))
+    return dict(zip(CASES, outcomes, strict=True))
 
 
 @pytest.mark.slow
