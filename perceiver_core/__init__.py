@@ -1,7 +1,8 @@
 """Single-device heart of the project: byte tokenizer, packing, whole-word masking, the Perceiver IO
-model, its Hugging Face interop and FLOPs count. PyTorch and NumPy only: no Ray, DeepSpeed or MLflow.
+model, its Hugging Face interop, FLOPs count, and the official metrics of the fine-tuning tasks.
+PyTorch and NumPy only: no Ray, DeepSpeed or MLflow.
 
-The data half (tokenizer, packing, masking, config, flops) needs only NumPy; names from the model
+The data half (tokenizer, packing, masking, config, flops, task_metrics) needs only NumPy; names from the model
 half are imported on first use (PEP 562), so a Ray Data worker that imports
 ``perceiver_core.masking`` does not pay for importing torch (2-3 s and ~300 MB per process).
 """

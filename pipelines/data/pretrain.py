@@ -102,7 +102,25 @@ def pretraining_dataset(
     # Output order = task order = stream order. This is the dataset's own context (a copy made when
     # it was created), so no global setting changes.
     ds.context.execution_options.preserve_order = True
+    # Ray Data merges what a task yields into blocks of up to ``target_max_block_size`` (128 MiB):
+    # a whole task's crops, hundreds of thousands at short crop lengths. ``streaming_split`` then
+    # divides such a block between workers, so one worker trains far ahead of the other in the
+    # stream and the consumed positions stop being close to a prefix. Blocks of ``block_crops``
+    # rows keep the workers side by side (and start training sooner).
+    current = ds.context.target_max_block_size
+    if current is None or current > block_bytes(cfg):
+        ds.context.target_max_block_size = block_bytes(cfg)
     return ds
+
+
+def block_bytes(cfg: PretrainDataConfig) -> int:
+    """Target size of a stream block: ``block_crops`` rows, at least 1 MiB."""
+    return max(1 << 20, cfg.block_crops * row_bytes(cfg))
+
+
+def row_bytes(cfg: PretrainDataConfig) -> int:
+    """Bytes of one crop row: uint16 ids and int16 labels, plus the scalar columns."""
+    return 4 * cfg.packing.crop_len + 64
 
 
 def local_crops(

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from perceiver_core.hf import save_pretrained
+from perceiver_core.task_metrics import TaskMetric
 from pipelines.tracking.config import TrackingConfig
 from pipelines.tracking.registry import Lineage
 from pipelines.tracking.sink import MetricsSink, MlflowSink, MultiSink, build_sink
@@ -42,7 +43,6 @@ from pipelines.train.engine import (
 )
 from pipelines.train.metrics import Interval, ProgressLine, interval_metrics, progress
 from pipelines.train.optim import OptimizerConfig
-from pipelines.train.task_metrics import TaskMetric
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
+from perceiver_core.task_metrics import primary_metric
 from pipelines.data.finetune import FinetuneDataConfig, finetune_files, read_labelled
 from pipelines.data.sources import files_digest
 from pipelines.train.classify import LabelledRows, class_logits, classification_metrics
-from pipelines.train.task_metrics import primary_metric
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from perceiver_core.config import PerceiverConfig
 from perceiver_core.hf import config_from_hf
 from perceiver_core.masking import MaskingConfig
 from perceiver_core.packing import PackingConfig
+from perceiver_core.task_metrics import primary_metric
 from pipelines.config import config_hash
 from pipelines.data.config import MixtureConfig, PretrainDataConfig
 from pipelines.data.finetune import FinetuneDataConfig, finetune_dataset, finetune_files
@@ -39,7 +40,6 @@ from pipelines.train.core import Schedule, StartingWeights, WorkerJob
 from pipelines.train.finetune_config import HASH_EXCLUDE, FinetuneConfig, StageConfig
 from pipelines.train.launch import fit
 from pipelines.train.pretrain import run_pretraining
-from pipelines.train.task_metrics import primary_metric
 
 log = logging.getLogger(__name__)
 

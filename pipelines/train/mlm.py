@@ -23,11 +23,11 @@ from perceiver_core.flops import step_flops
 from perceiver_core.hf import load_into, load_state_dict
 from perceiver_core.masking import IGNORE_INDEX
 from perceiver_core.model import PerceiverForMaskedLM
+from perceiver_core.task_metrics import TaskMetric
 from pipelines.data.pretrain import crops_to_torch, take_rows
 from pipelines.train.core import Batch, StartingWeights, gather_arrays
 from pipelines.train.metrics import bits_per_byte
 from pipelines.train.position import DataPosition, ResumePointer
-from pipelines.train.task_metrics import TaskMetric
 
 
 @dataclass(frozen=True)

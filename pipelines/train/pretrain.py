@@ -27,7 +27,7 @@ from perceiver_core.hf import config_from_hf
 from pipelines.config import config_hash
 from pipelines.data.config import PretrainDataConfig
 from pipelines.data.index import DataIndex, build_index
-from pipelines.data.pretrain import plan_stream, pretraining_dataset
+from pipelines.data.pretrain import block_bytes, plan_stream, pretraining_dataset, row_bytes
 from pipelines.data.sources import files_digest
 from pipelines.tracking import registry, runs
 from pipelines.tracking.models import resolve_model
@@ -300,30 +300,7 @@ class TrainStreamFactory:
         if start:
             log.info("training stream starts at crop %d (resume)", start)
         ds = pretraining_dataset(self.data, self.index, split="train", start=start)
-        ds = bounded_blocks(ds, self.data).limit(max(0, self.needed - start) + self.slack)
-        return ds
-
-
-def bounded_blocks(ds: ray.data.Dataset, data: PretrainDataConfig) -> ray.data.Dataset:
-    """Cap the dataset's blocks near ``data.block_crops`` rows.
-
-    Ray Data merges what a task yields into blocks of up to ``target_max_block_size`` (128 MiB):
-    a whole task's crops, hundreds of thousands at short crop lengths. ``streaming_split`` then
-    divides such a block between workers, so one worker trains far ahead of the other in the
-    stream, and the consumed positions stop being close to a prefix. Small blocks keep the
-    workers side by side (and start training sooner). Sets the dataset's own context only.
-    """
-    target = block_bytes(data)
-    current = ds.context.target_max_block_size
-    if current is None or current > target:
-        ds.context.target_max_block_size = target
-    return ds
-
-
-def block_bytes(data: PretrainDataConfig) -> int:
-    """Target size of a stream block: ``block_crops`` rows, at least 1 MiB."""
-    row_bytes = 4 * data.packing.crop_len + 64  # uint16 ids and int16 labels, plus the scalars
-    return max(1 << 20, data.block_crops * row_bytes)
+        return ds.limit(max(0, self.needed - start) + self.slack)
 
 
 def stream_slack(data: PretrainDataConfig, crops_per_checkpoint: int, world_size: int) -> int:
@@ -334,5 +311,5 @@ def stream_slack(data: PretrainDataConfig, crops_per_checkpoint: int, world_size
     covers a whole checkpoint interval; a too-short stream would end the run with an error, an
     over-long one only costs the production of its tail.
     """
-    rows_per_block = block_bytes(data) // (4 * data.packing.crop_len + 64) + 1
+    rows_per_block = block_bytes(data) // row_bytes(data) + 1
     return world_size * (crops_per_checkpoint + 4 * rows_per_block)

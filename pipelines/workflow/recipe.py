@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from perceiver_core.task_metrics import primary_metric
 from pipelines.config import to_dict
 from pipelines.data.finetune import check_columns
 from pipelines.tracking import registry, runs
@@ -29,7 +30,6 @@ from pipelines.tracking.config import TrackingConfig
 from pipelines.tracking.models import resolve_model
 from pipelines.train import finetune
 from pipelines.train.finetune_config import FinetuneConfig, StageConfig
-from pipelines.train.task_metrics import primary_metric
 from pipelines.workflow.engine import run_pipeline
 from pipelines.workflow.spec import (
     PipelineConfig,
