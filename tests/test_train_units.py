@@ -150,6 +150,52 @@ def test_deepspeed_config_and_precision() -> None:
         resolve_precision("bf16", False)
 
 
+def test_ddp_engine_accumulates_to_the_same_step_as_one_batch(tmp_path: Path) -> None:
+    """Two micro-batches of 4 accumulated give the optimizer step of one batch of 8 (one process:
+    no process group, so the engine runs the plain module)."""
+    from perceiver_core.model import PerceiverForSequenceClassification
+    from pipelines.train.engine import DdpEngine
+
+    config = get_preset("tiny", attention_probs_dropout_prob=0.0)
+    ids = torch.randint(6, 262, (8, 16))
+    labels = torch.randint(0, 2, (8,))
+    engines = []
+    for accum in (1, 2):
+        torch.manual_seed(0)
+        model = PerceiverForSequenceClassification(config)
+        opt = OptimizerConfig(name="adamw", lr=1e-2, warmup_steps=0, schedule="constant")
+        engine = DdpEngine(
+            model, opt, 10, precision="fp32", grad_clip=1.0, grad_accum_steps=accum, rank=0
+        )
+        for part in torch.arange(8).chunk(accum):
+            engine.backward(engine(input_ids=ids[part], labels=labels[part]).loss)
+            assert engine.get_global_grad_norm() is None  # nothing stepped before the last
+            engine.step()
+        engines.append(engine)
+    one, two = engines
+    for (name, a), b in zip(
+        one.module.state_dict().items(), two.module.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    assert one.get_global_grad_norm() == pytest.approx(two.get_global_grad_norm(), rel=1e-5)
+    two.save_checkpoint(str(tmp_path), "t")
+    torch.manual_seed(1)
+    fresh = DdpEngine(
+        PerceiverForSequenceClassification(config),
+        opt,
+        10,
+        precision="fp32",
+        grad_clip=1.0,
+        grad_accum_steps=2,
+        rank=0,
+    )
+    assert fresh.load_checkpoint(str(tmp_path), "t")[0] is not None
+    for a, b in zip(
+        fresh.module.state_dict().values(), two.module.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 # -- data position and micro-batches --------------------------------------------------------------
 
 

@@ -1,4 +1,6 @@
-"""The run config of MLM pretraining: one YAML file, every section a typed dataclass.
+"""Run configs of training: the sections every run shares (``RunSection``, ``EngineSection``,
+``DebugSection``; fine-tuning's recipe config in ``finetune_config`` reuses them) and the config of
+MLM pretraining, one YAML file with every section a typed dataclass:
 
     run:        name (the resume key), storage, seed, failures tolerated
     model:      a perceiver_core preset plus field overrides

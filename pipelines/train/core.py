@@ -319,8 +319,9 @@ class Trainer:
             if p.stopped_early and self.rank == 0:
                 progress.info("%s | stopping early at step %d", self.job.name, self.step)
         logged = {f"val/{k}": v for k, v in values.items()}
-        logged[f"best/{metric.name}"] = float(p.best_score)  # type: ignore[arg-type]
-        logged["best/step"] = float(p.best_step)
+        if p.best_score is not None:  # None while every evaluation so far was NaN
+            logged[f"best/{metric.name}"] = p.best_score
+            logged["best/step"] = float(p.best_step)
         return logged
 
     def _export_best(self, metrics: dict[str, float]) -> None:

@@ -174,11 +174,11 @@ def full_fp32_state_dict(engine: Any, rank: int) -> dict[str, torch.Tensor] | No
 
 
 class DdpEngine:
-    """torch DistributedDataParallel (through Ray Train's ``prepare_model``: gloo on CPU, NCCL on
-    GPU) with a torch optimizer, our schedule, gradient clipping and bf16 autocast, behind the
-    engine interface above. Fine-tuning a 201M model needs no sharding, and some users want the
-    engine they know. A checkpoint is one file per rank, ``<dir>/<tag>/rank_XXXXX.pt``, read back
-    with ``weights_only=True``."""
+    """torch DistributedDataParallel (over the process group Ray Train sets up: gloo on CPU, NCCL
+    on GPU) with a torch optimizer, our schedule, gradient clipping, bf16 autocast and gradient
+    accumulation, behind the engine interface above. Fine-tuning a 201M model needs no sharding,
+    and some users want the engine they know. A checkpoint is one file per rank,
+    ``<dir>/<tag>/rank_XXXXX.pt``, read back with ``weights_only=True``."""
 
     def __init__(
         self,
@@ -191,8 +191,6 @@ class DdpEngine:
         grad_accum_steps: int,
         rank: int,
     ) -> None:
-        import ray.train.torch
-
         if precision == "fp16":
             raise ValueError("train.precision: fp16 needs DeepSpeed's loss scaling; use bf16/fp32")
         self.rank = rank
@@ -200,8 +198,11 @@ class DdpEngine:
         self.grad_clip = grad_clip
         self.accum = grad_accum_steps
         self.module = model
-        self.wrapped = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
         self.device = next(model.parameters()).device
+        self.wrapped: nn.Module = model
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.optimizer = build_optimizer(model, optimizer)
         self.scheduler = build_scheduler(optimizer, total_steps)(self.optimizer)
         self._micro = 0  # micro-batches since the last optimizer step
@@ -213,18 +214,19 @@ class DdpEngine:
             if self.precision == "bf16"
             else nullcontext()
         )
-        # Gradients are reduced across workers only on the accumulation's last backward.
-        sync = nullcontext() if self.is_gradient_accumulation_boundary() else self.wrapped.no_sync()
-        with autocast, sync:
+        # Gradients are reduced across workers only in the accumulation's last backward (DDP
+        # decides that in the forward pass).
+        accumulate = not self.is_gradient_accumulation_boundary() and hasattr(
+            self.wrapped, "no_sync"
+        )
+        with autocast, self.wrapped.no_sync() if accumulate else nullcontext():
             return self.wrapped(**inputs)
 
     def is_gradient_accumulation_boundary(self) -> bool:
         return self._micro + 1 == self.accum
 
     def backward(self, loss: torch.Tensor) -> None:
-        sync = nullcontext() if self.is_gradient_accumulation_boundary() else self.wrapped.no_sync()
-        with sync:
-            (loss / self.accum).backward()
+        (loss / self.accum).backward()  # the mean over the accumulated micro-batches
 
     def step(self) -> None:
         if not self.is_gradient_accumulation_boundary():
@@ -245,12 +247,6 @@ class DdpEngine:
         return self._grad_norm
 
     def zero_optimization(self) -> bool:
-        return False
-
-    def bfloat16_enabled(self) -> bool:
-        return self.precision == "bf16"
-
-    def fp16_enabled(self) -> bool:
         return False
 
     def train(self) -> None:
