@@ -4,7 +4,8 @@ A real DeepSpeed engine (ZeRO-2 on CPU, one process) writes a signed checkpoint;
 a time, every file a resume reads is replaced by a torch file whose loading creates a marker file (the
 test first shows that ``torch.load`` does run it). Each resume must refuse the checkpoint with an
 error naming the file, and the marker must never appear. A file added to the folder, a forged
-digest and a checkpoint signed with another key are refused too; the untouched checkpoint restores
+digest, a checkpoint signed with another key or moved to another step, a folder replaced by a
+link and a file replaced by a pipe are refused too; the untouched checkpoint restores
 the weights and the RNG state exactly. The engine runs in a subprocess: DeepSpeed's communication
 setup is once per process and must not leak into the test session's Ray driver.
 """
@@ -18,7 +19,7 @@ from fixtures_train import run_single_process_script
 
 SCRIPT = textwrap.dedent(
     """
-    import json, shutil, sys
+    import json, os, shutil, sys
     from pathlib import Path
     import torch
     from perceiver_core.config import get_preset
@@ -103,6 +104,19 @@ SCRIPT = textwrap.dedent(
     renamed = work / "moved" / checkpoint_name(4)  # the same files as another checkpoint
     shutil.copytree(original, renamed)
     result["moved"] = attempt(renamed)
+    linked = work / "linked" / checkpoint_name(3)  # a folder swapped for a link to another
+    shutil.copytree(original, linked)
+    outside = work / "outside"
+    shutil.copytree(original / "engine", outside)
+    torch.save({"module": Payload()}, outside / "step_00000003" / "mp_rank_00_model_states.pt")
+    shutil.rmtree(linked / "engine")
+    (linked / "engine").symlink_to(outside, target_is_directory=True)
+    result["linked"] = attempt(linked)
+    piped = work / "piped" / checkpoint_name(3)  # opening a pipe would block the resume
+    shutil.copytree(original, piped)
+    (piped / "state.json").unlink()
+    os.mkfifo(piped / "state.json")
+    result["fifo"] = attempt(piped)
     result["marker_before_control"] = marker.exists()
     torch.load(target, weights_only=False)  # the control: the payload does run when unpickled
     result["marker_after_control"] = marker.exists()
@@ -142,5 +156,7 @@ def test_a_payload_in_any_file_is_refused_naming_it_and_never_runs(outcome: dict
     assert "mp_rank_00_model_states.pt" in outcome["forged"]
     assert "PERCEIVER_CHECKPOINT_KEY" in outcome["other_key"]
     assert outcome["moved"] is not None  # signed for checkpoint 3, not for checkpoint 4
+    assert "engine: not a regular file or folder (a link" in outcome["linked"]
+    assert "state.json: not a regular file or folder" in outcome["fifo"]
     # The payload is real: unchecked, torch.load runs it. Nothing above did.
     assert not outcome["marker_before_control"] and outcome["marker_after_control"]

@@ -254,6 +254,28 @@ def test_train_state_round_trips_and_refuses_other_versions() -> None:
         TrainState.from_json(state.to_json().replace('"format_version": 2', '"format_version": 1'))
 
 
+def test_the_checkpoint_key_comes_from_the_environment_or_a_private_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stat
+
+    from pipelines.train.checkpoint import checkpoint_key
+
+    monkeypatch.setenv("PERCEIVER_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.delenv("PERCEIVER_CHECKPOINT_KEY", raising=False)
+    key = checkpoint_key()
+    path = tmp_path / "config" / "checkpoint.key"
+    assert len(key) == 64 and checkpoint_key() == key  # made once, then read
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["checkpoint.key"]  # no temporary left
+    monkeypatch.setenv("PERCEIVER_CHECKPOINT_KEY", "from-a-secret")
+    assert checkpoint_key() == b"from-a-secret"
+    monkeypatch.delenv("PERCEIVER_CHECKPOINT_KEY")
+    path.write_text("")
+    with pytest.raises(CheckpointError, match=r"checkpoint\.key is empty"):
+        checkpoint_key()
+
+
 def test_rng_state_is_json_and_restores_every_generator() -> None:
     import json
     import random

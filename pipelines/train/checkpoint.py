@@ -29,6 +29,7 @@ resume with ``CheckpointIntegrityError`` naming it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -36,6 +37,7 @@ import logging
 import os
 import random
 import secrets
+import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -96,22 +98,30 @@ class TrainState:
 
 def checkpoint_key() -> bytes:
     """The secret that signs checkpoints: ``PERCEIVER_CHECKPOINT_KEY``, else this user's key file
-    (created on first use). Every process that resumes a run must have the key that wrote it."""
-    env = os.environ.get(KEY_ENV)
+    (created on first use, readable by its owner only). Resolve it once on the driver and hand it
+    to the workers: every process that resumes a run must have the key that wrote it."""
+    env = os.environ.get(KEY_ENV, "").strip()
     if env:
         return env.encode()
     folder = Path(os.environ.get("PERCEIVER_CONFIG_DIR", "~/.config/perceiver")).expanduser()
     path = folder / "checkpoint.key"
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Written whole under another name, then linked into place: a process that finds the
+        # file finds the whole key, and of two processes making one at once, the first wins.
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint.key-")  # mode 0600
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process made it first
-            pass
-        else:
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_hex(32))
-    return path.read_bytes().strip()
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    key = path.read_bytes().strip()
+    if not key:
+        raise CheckpointError(f"{path} is empty: delete it (a new key is made) or set {KEY_ENV}")
+    return key
 
 
 class Checkpointer:
@@ -164,13 +174,15 @@ class Checkpointer:
         if checkpoint is None:
             return None
         name = str(checkpoint.path).rstrip("/").rsplit("/", 1)[-1]
-        with checkpoint.as_directory() as folder:
-            root = Path(folder)
-            self._verify(root, name, where=str(checkpoint.path))
+        where = str(checkpoint.path)
+        # Loaded from a private copy made while verifying: a shared folder changed after the
+        # check cannot slip a file in.
+        with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as private:
+            root = self._verified_copy(Path(folder), Path(private) / name, name, where)
             state = TrainState.from_json((root / STATE_FILE).read_text())
             path, _ = self.engine.load_checkpoint(str(root / ENGINE_DIR), tag=_tag(state.step))
             if path is None:
-                raise CheckpointError(f"{checkpoint.path}: no engine state {_tag(state.step)}")
+                raise CheckpointError(f"{where}: no engine state {_tag(state.step)}")
             rng = root / RNG_DIR / f"rank_{self.rank:05d}.json"
             if rng.exists():
                 set_rng_state(json.loads(rng.read_text()))
@@ -181,25 +193,51 @@ class Checkpointer:
 
     # -- integrity -------------------------------------------------------------------------------
 
-    def _mac(self, scope: str, relpath: str, path: Path) -> str:
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        message = f"{self.run_name}/{scope}\n{relpath}\n{digest.hexdigest()}".encode()
+    def _mac(self, scope: str, relpath: str, digest: str) -> str:
+        message = f"{self.run_name}/{scope}\n{relpath}\n{digest}".encode()
         return hmac.new(self.key, message, hashlib.sha256).hexdigest()
 
     def _sign(self, root: Path, scope: str) -> None:
-        files = sorted(p for p in root.rglob("*") if p.is_file())
-        macs = {
-            str(p.relative_to(root)): self._mac(scope, str(p.relative_to(root)), p) for p in files
-        }
+        macs = {}
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            relpath = str(path.relative_to(root))
+            macs[relpath] = self._mac(scope, relpath, _copy_hashing(path, None))
         (root / INTEGRITY_DIR).mkdir()
         (root / INTEGRITY_DIR / f"rank_{self.rank:05d}.json").write_text(json.dumps(macs))
 
-    def _verify(self, root: Path, scope: str, where: str) -> None:
+    def _verified_copy(self, src: Path, dst: Path, scope: str, where: str) -> Path:
+        """Copy the checkpoint to ``dst``, checking every file against the digests beside it; a
+        link, a pipe or device, an unreadable folder, a file without a matching digest: refused."""
+        signed = self._signed(src, where)
+        dst.mkdir(parents=True)
+        for folder, subfolders, files in os.walk(src, onerror=_raise):
+            for name in [*subfolders, *files]:
+                path = Path(folder) / name
+                relpath = str(path.relative_to(src))
+                mode = os.lstat(path).st_mode
+                if stat.S_ISDIR(mode):
+                    (dst / relpath).mkdir(parents=True)
+                    continue
+                if not stat.S_ISREG(mode):
+                    raise CheckpointIntegrityError(
+                        f"{where}/{relpath}: not a regular file or folder (a link, a pipe or a "
+                        "device); nothing was loaded"
+                    )
+                mac = self._mac(scope, relpath, _copy_hashing(path, dst / relpath))
+                if relpath.startswith(INTEGRITY_DIR + "/"):
+                    continue  # read above; a forged entry matches no file
+                if not any(hmac.compare_digest(mac, known) for known in signed.get(relpath, ())):
+                    raise CheckpointIntegrityError(
+                        f"{where}/{relpath}: changed since it was written, or written with "
+                        f"another key ({KEY_ENV}); the file may be malicious and nothing was loaded"
+                    )
+        return dst
+
+    @staticmethod
+    def _signed(src: Path, where: str) -> dict[str, set[str]]:
+        """Every rank's digests: relative path -> the MACs some rank wrote for it."""
         signed: dict[str, set[str]] = {}
-        manifests = sorted((root / INTEGRITY_DIR).glob("rank_*.json"))
+        manifests = sorted((src / INTEGRITY_DIR).glob("rank_*.json"))
         if not manifests:
             raise CheckpointIntegrityError(
                 f"{where}: no {INTEGRITY_DIR}/ digests, so its files cannot be trusted and were "
@@ -207,22 +245,28 @@ class Checkpointer:
             )
         for manifest in manifests:
             try:
-                entries = json.loads(manifest.read_text())
-                for relpath, mac in entries.items():
+                for relpath, mac in json.loads(manifest.read_text()).items():
                     signed.setdefault(str(relpath), set()).add(str(mac))
-            except (ValueError, AttributeError) as error:
+            except (ValueError, AttributeError, OSError) as error:
                 raise CheckpointIntegrityError(
-                    f"{where}/{manifest.relative_to(root)}: unreadable digests ({error})"
+                    f"{where}/{manifest.relative_to(src)}: unreadable digests ({error})"
                 ) from None
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            relpath = str(path.relative_to(root))
-            if relpath.startswith(INTEGRITY_DIR + "/"):
-                continue
-            if relpath not in signed or self._mac(scope, relpath, path) not in signed[relpath]:
-                raise CheckpointIntegrityError(
-                    f"{where}/{relpath}: changed since it was written, or written with another "
-                    f"key ({KEY_ENV}); the file may be malicious and nothing was loaded"
-                )
+        return signed
+
+
+def _copy_hashing(path: Path, dest: Path | None) -> str:
+    """The SHA-256 of a file, copying it to ``dest`` on the way (when given)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f, dest.open("wb") if dest else contextlib.nullcontext() as out:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+            if out is not None:
+                out.write(chunk)
+    return digest.hexdigest()
+
+
+def _raise(error: OSError) -> None:
+    raise CheckpointIntegrityError(f"{error.filename}: cannot be read ({error.strerror})")
 
 
 def checkpoint_name(step: int) -> str:
