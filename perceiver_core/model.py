@@ -2,8 +2,9 @@
 
 The whole model is here and reads top to bottom: attention, the block that wraps it, the encoder,
 the decoder (learned queries cross-attending to the latents) with its two output adapters (byte
-logits tied to the input embedding, and class logits), and the task models that compose them. Weight conversion to and from ``transformers`` lives in
-``perceiver_core.hf``; FLOPs counting in ``perceiver_core.flops``.
+logits tied to the input embedding, and class logits), and the task models that compose them.
+Weight conversion to and from ``transformers`` lives in ``perceiver_core.hf``; FLOPs counting in
+``perceiver_core.flops``.
 
 Numerically this is ``transformers``' Perceiver (pre-LayerNorm with eps 1e-5, exact GELU, the same
 residuals), with three differences that change speed, not results:

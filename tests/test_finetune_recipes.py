@@ -1,7 +1,7 @@
 """Fine-tuning recipes: MLM adaptation on the task's text -> a frozen-encoder stage -> full
-fine-tuning, each from the previous stage's best weights; and a learning-rate grid run as
-parallel trials (stages of the recipe's pipeline), keeping the best. Short stages: these check the plumbing, not accuracy
-(tests/test_finetune.py checks that)."""
+fine-tuning, each from the previous stage's best weights (under DDP); a learning-rate grid run as
+parallel trials (stages of the recipe's pipeline), keeping the best; early stopping. Short stages:
+these check the plumbing, not accuracy (tests/test_finetune.py checks that)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ def _encoder(folder: str) -> dict[str, torch.Tensor]:
 
 
 def test_stages_chain_from_each_previous_best(pretrained, shared_data, mlflow_server, tmp_path):
+    """Under ``train.strategy: ddp`` (torch DistributedDataParallel over Ray Train's gloo group,
+    2 workers) for masked-LM adaptation and both classify stages; DeepSpeed runs the other
+    fine-tuning tests."""
     from mlflow import MlflowClient
 
     from pipelines.workflow.recipe import run_finetune
@@ -34,6 +37,8 @@ def test_stages_chain_from_each_previous_best(pretrained, shared_data, mlflow_se
         f"init={pretrained}",
         "data.max_length=128",
         "register.enabled=false",
+        "train.strategy=ddp",
+        "train.zero_stage=0",
         "stages=["
         "{name: adapt, kind: mlm, steps: 20, batch_size: 16, crop_len: 128},"
         "{name: probe, kind: classify, freeze_encoder: true, epochs: 1, batch_size: 32,"
@@ -44,6 +49,7 @@ def test_stages_chain_from_each_previous_best(pretrained, shared_data, mlflow_se
     result = run_finetune(cfg)
     adapt, probe, full = result.stages
     assert [s.kind for s in result.stages] == ["mlm", "classify", "classify"]
+    assert full.step == 5000 // 32  # one epoch of whole global batches: its only evaluation
     assert result.registered is None
     client = MlflowClient(mlflow_server.uri)
     # Each stage's run records what it started from: the previous stage's weights.
@@ -108,41 +114,6 @@ def test_sweep_runs_the_grid_as_parallel_trials_and_keeps_the_best(
     # Parallel trials: each started before the other ended.
     (a, b) = sorted(trials, key=lambda t: t.info.start_time)
     assert b.info.start_time < a.info.end_time
-
-
-def test_ddp_strategy_trains_and_resumes_like_deepspeed(
-    pretrained, shared_data, mlflow_server, tmp_path
-) -> None:
-    """strategy ddp: torch DistributedDataParallel under Ray Train, 2 workers (gloo)."""
-    from pipelines.workflow.recipe import run_finetune
-
-    cfg = finetune_config(
-        shared_data,
-        tmp_path,
-        mlflow_server.uri,
-        "ddp",
-        f"init={pretrained}",
-        "data.max_length=128",
-        "register.enabled=false",
-        "train.strategy=ddp",
-        "train.zero_stage=0",
-        "stages.0.epochs=1",
-        "stages.0.batch_size=32",
-    )
-    result = run_finetune(cfg)
-    (stage,) = result.stages
-    assert stage.step == 5000 // 32  # one epoch of whole global batches
-    weights = load_state_dict(Path(stage.weights))
-    start = _encoder(str(_resolve(pretrained, mlflow_server.uri)))
-    key = "perceiver.encoder.cross_attention.attention.self.query.weight"
-    assert not torch.equal(weights[key], start[key])
-    assert 0.0 <= result.score <= 1.0
-
-
-def _resolve(uri: str, tracking_uri: str) -> Path:
-    from pipelines.tracking.models import resolve_model
-
-    return resolve_model(uri, tracking_uri=tracking_uri).hf_dir
 
 
 def test_early_stopping_keeps_the_best_evaluation(

@@ -197,7 +197,8 @@ def test_killed_job_resubmitted_resumes_in_the_same_run(
     marker = tmp_path / "payload-ran"
     planted = final / "engine" / f"step_{steps:08d}" / "mp_rank_00_model_states.pt"
     torch.save({"module": Payload(marker)}, planted)
-    third = run_job(args, env, tmp_path / "planted.log")
+    # No retry: a checkpoint that fails its check fails the same way on every attempt.
+    third = run_job([*args, "--set=run.max_failures=0"], env, tmp_path / "planted.log")
     assert third.wait(timeout=300) == 2
     lines = (tmp_path / "planted.log").read_text().splitlines()
     errors = [line for line in lines if line.startswith("error: ")]

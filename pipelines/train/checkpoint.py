@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray.train
 import torch
 
 log = logging.getLogger(__name__)
@@ -156,8 +157,6 @@ class Checkpointer:
     ) -> None:
         """Write this rank's part, report it to Ray Train (a barrier, which uploads and merges the
         parts), then ``after_report(folder)``, once the checkpoint is persisted."""
-        import ray.train
-
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
             self.write(Path(tmp), state, export)
             ray.train.report(

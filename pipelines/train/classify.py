@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import ray.train
 import torch
 
 from perceiver_core.config import PerceiverConfig
@@ -31,7 +32,7 @@ from perceiver_core.flops import step_flops
 from perceiver_core.hf import load_into, load_state_dict
 from perceiver_core.model import PerceiverForSequenceClassification
 from perceiver_core.task_metrics import primary_metric, task_metrics
-from pipelines.train.core import Batch, StartingWeights
+from pipelines.train.core import Batch, StartingWeights, WorkerJob, gather_arrays
 
 
 @dataclass
@@ -123,21 +124,18 @@ class ClassifySpec:
     task: str  # imdb, glue/sst2, files, ...
     model_config: PerceiverConfig  # the classifier's: num_labels, id2label, problem_type set
     start: StartingWeights
-    seed: int
     freeze_encoder: bool
     eval_batch_size: int
 
-    def build(self, rank: int, world_size: int) -> Classify:
-        return Classify(self, rank, world_size)
+    def build(self, job: WorkerJob, rank: int, world_size: int) -> Classify:
+        return Classify(self, job.seed, rank, world_size)
 
 
 class Classify:
     per_byte_loss = False
 
-    def __init__(self, spec: ClassifySpec, rank: int, world_size: int) -> None:
-        import ray.train
-
-        self.spec, self.rank, self.world_size = spec, rank, world_size
+    def __init__(self, spec: ClassifySpec, seed: int, rank: int, world_size: int) -> None:
+        self.spec, self.seed, self.rank, self.world_size = spec, seed, rank, world_size
         self.train_rows = read_rows(ray.train.get_dataset_shard("train"))
         self.eval_rows = read_rows(ray.train.get_dataset_shard("eval"))
         if len(self.eval_rows) == 0:
@@ -173,7 +171,7 @@ class Classify:
         epoch, in_epoch = divmod(step, self.per_epoch)
         if epoch != self._order_epoch:
             self._order_epoch = epoch
-            self._order = epoch_order(len(self.train_rows), self.spec.seed, epoch)
+            self._order = epoch_order(len(self.train_rows), self.seed, epoch)
         global_batch = self._order[in_epoch * self.batch_size : (in_epoch + 1) * self.batch_size]
         rows = micro_slice(global_batch, micro, size, self.rank, self.world_size)
         inputs = self.train_rows.batch(rows, device)
@@ -189,6 +187,9 @@ class Classify:
         return classification_metrics(self.spec.task, logits, rows.labels)
 
     def train_metrics(self) -> dict[str, float]:
+        return {}
+
+    def checkpoint_metrics(self) -> dict[str, float]:
         return {}
 
     def before_checkpoint(self) -> None:
@@ -222,14 +223,9 @@ def class_logits(
         if len(batch):
             indices.append(batch)
             logits.append(out.logits.float().cpu().numpy())
-    local = (np.concatenate(indices), np.concatenate(logits)) if indices else None
-    parts = [local]
-    if world_size > 1:
-        parts = [None] * world_size
-        torch.distributed.all_gather_object(parts, local)
-    parts = [p for p in parts if p is not None]
-    order = np.concatenate([p[0] for p in parts])
-    return np.concatenate([p[1] for p in parts])[np.argsort(order)]
+    order = gather_arrays(np.concatenate(indices) if indices else np.zeros(0, np.int64), world_size)
+    local = np.concatenate(logits) if logits else np.zeros((0, 0), np.float32)
+    return gather_arrays(local, world_size)[np.argsort(order)]
 
 
 def classification_metrics(task: str, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import ray.train
 import torch
 from torch import nn
 
@@ -41,7 +42,7 @@ from pipelines.train.engine import (
     global_grad_norm,
     needs_manual_grad_norm,
 )
-from pipelines.train.metrics import Interval, ProgressLine, interval_metrics, progress
+from pipelines.train.metrics import Interval, ProgressLine, interval_metrics, progress, section
 from pipelines.train.optim import OptimizerConfig
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,8 @@ class Task(Protocol):
     def build_model(self) -> nn.Module: ...  # with its starting weights
     def batch(self, step: int, micro: int, size: int, device: torch.device) -> Batch: ...
     def evaluate(self, engine: Any) -> dict[str, float]: ...  # a collective; same on all ranks
-    def train_metrics(self) -> dict[str, float]: ...
+    def train_metrics(self) -> dict[str, float]: ...  # logged with the training metrics
+    def checkpoint_metrics(self) -> dict[str, float]: ...  # reported with each checkpoint
     def before_checkpoint(self) -> None: ...  # a collective
     def state_dict(self) -> dict[str, Any]: ...  # JSON values
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -94,7 +96,7 @@ class Task(Protocol):
 class TaskSpec(Protocol):
     """The driver's description of a task; builds the task on each worker."""
 
-    def build(self, rank: int, world_size: int) -> Task: ...
+    def build(self, job: WorkerJob, rank: int, world_size: int) -> Task: ...
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ class WorkerJob:
     schedule: Schedule
     tracking: TrackingConfig
     config_hash: str
-    checkpoint_key: bytes = field(repr=False)
+    signing_key: bytes = field(repr=False)  # of the checkpoints (pipelines.train.checkpoint)
     register_as: str | None = None  # the registered model of the exports at schedule.export_at
     lineage: Lineage | None = None  # of those exports
     debug: DebugSection = field(default_factory=DebugSection)
@@ -161,8 +163,6 @@ class Progress:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: ``TorchTrainer(train_loop_per_worker, {"job": WorkerJob})``."""
-    import ray.train
-
     log_to_console()
     context = ray.train.get_context()
     Trainer(config["job"], context.get_world_rank(), context.get_world_size()).run()
@@ -170,11 +170,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 class Trainer:
     def __init__(self, job: WorkerJob, rank: int, world_size: int) -> None:
-        import ray.train
-
         self.job, self.rank, self.world_size = job, rank, world_size
         started = time.perf_counter()
-        self.task = job.task.build(rank, world_size)
+        self.task = job.task.build(job, rank, world_size)
         self.micro = job.micro_batch_size or job.batch_size // world_size
         self.accum = job.batch_size // (self.micro * world_size)
         if self.accum < 1 or self.accum * self.micro * world_size != job.batch_size:
@@ -200,8 +198,16 @@ class Trainer:
             total_steps=self.total,
             rank=rank,
         )
-        self.checkpointer = Checkpointer(self.engine, rank, job.name, job.checkpoint_key)
+        self.checkpointer = Checkpointer(self.engine, rank, job.name, job.signing_key)
         state = self.checkpointer.restore(ray.train.get_checkpoint())
+        if state and state.config_hash != job.config_hash and rank == 0:
+            log.warning(
+                "%s resumes from step %d, written with other settings (config %s, now %s)",
+                job.name,
+                state.step,
+                state.config_hash,
+                job.config_hash,
+            )
         self.step = state.step if state else 0
         self.progress = Progress(**state.progress) if state else Progress()
         self.task.load_state_dict(state.task if state else {})
@@ -228,8 +234,6 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
 
     def run(self) -> None:
-        import ray.train
-
         report_every = self.job.schedule.report_every
         try:
             while self.step < self.total and not self.progress.stopped_early:
@@ -308,7 +312,7 @@ class Trainer:
             self.engine.train()
         p, metric, patience = self.progress, self.task.metric, self.job.schedule.patience
         p.evals += 1
-        if metric.is_better(values[metric.name], p.best_score):
+        if p.best_score is None or metric.is_better(values[metric.name], p.best_score):
             p.best_score, p.best_step, p.best_metrics = values[metric.name], self.step, values
             p.bad_evals = 0
             if self.job.schedule.keep_best:
@@ -319,9 +323,8 @@ class Trainer:
             if p.stopped_early and self.rank == 0:
                 progress.info("%s | stopping early at step %d", self.job.name, self.step)
         logged = {f"val/{k}": v for k, v in values.items()}
-        if p.best_score is not None:  # None while every evaluation so far was NaN
-            logged[f"best/{metric.name}"] = p.best_score
-            logged["best/step"] = float(p.best_step)
+        logged[f"best/{metric.name}"] = float(p.best_score)  # type: ignore[arg-type]
+        logged["best/step"] = float(p.best_step)
         return logged
 
     def _export_best(self, metrics: dict[str, float]) -> None:
@@ -332,7 +335,8 @@ class Trainer:
     def _model(self, weights: dict[str, torch.Tensor] | None) -> nn.Module:
         """A plain model of the trained class holding ``weights`` (rank 0)."""
         module = self.engine.module
-        model = type(module)(module.config)
+        with torch.random.fork_rng(devices=[]):  # its initialisation must not move the RNG
+            model = type(module)(module.config)
         model.load_state_dict(weights)
         return model
 
@@ -369,13 +373,13 @@ class Trainer:
             def register(folder: Path) -> None:  # the driver registers the final model
                 self._register(folder / HF_DIR, metrics)
 
-        report = {**metrics, **self.task.train_metrics(), "step": float(self.step)}
+        report = {**metrics, **self.task.checkpoint_metrics(), "step": float(self.step)}
         self.checkpointer.save(
             state, report if self.rank == 0 else {}, export=write, after_report=register
         )
 
     def _register(self, hf_dir: Path, metrics: dict[str, float]) -> None:
-        values = {k[4:]: v for k, v in metrics.items() if k.startswith("val/")}
+        values = section(metrics)
         assert self.job.lineage is not None and self.job.register_as is not None
         lineage = dataclasses.replace(self.job.lineage, step=self.step, metrics=values)
         try:
@@ -404,12 +408,13 @@ class Trainer:
 
 
 def gather_arrays(local: np.ndarray, world_size: int) -> np.ndarray:
-    """Every rank's ``local`` array, concatenated, on every rank (a collective)."""
+    """Every rank's ``local`` array, concatenated in rank order, on every rank (a collective).
+    Empty arrays are left out, so a rank with nothing may send any empty shape."""
     if world_size == 1:
         return local
     gathered: list[Any] = [None] * world_size
     torch.distributed.all_gather_object(gathered, local)
-    return np.concatenate(gathered)
+    return np.concatenate([part for part in gathered if len(part)] or [local])
 
 
 def log_to_console() -> None:

@@ -14,6 +14,9 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import ray.train
+from ray.data import ExecutionOptions
+
 from perceiver_core.config import PerceiverConfig
 from perceiver_core.hf import config_from_hf
 from perceiver_core.masking import MaskingConfig
@@ -39,6 +42,7 @@ from pipelines.train.config import (
 from pipelines.train.core import Schedule, StartingWeights, WorkerJob
 from pipelines.train.finetune_config import HASH_EXCLUDE, FinetuneConfig, StageConfig
 from pipelines.train.launch import fit
+from pipelines.train.metrics import section
 from pipelines.train.pretrain import run_pretraining
 
 log = logging.getLogger(__name__)
@@ -60,12 +64,10 @@ def train_classifier(
     run_id: str,
     tracking_uri: str,
     workdir: Path,
+    signing_key: bytes | None = None,
 ) -> StageOutcome:
     """Train one classify stage (or sweep trial) from ``source`` as Ray Train run ``run_name``,
     logging into the MLflow run ``run_id``; its best evaluation's weights."""
-    import ray.train
-    from ray.data import ExecutionOptions
-
     init = resolve_model(source, tracking_uri=tracking_uri)
     run_dir = f"{storage.resolve(cfg.run.storage_path, workdir)}/{run_name}"
     job = WorkerJob(
@@ -78,7 +80,6 @@ def train_classifier(
             task=cfg.data.task,
             model_config=classifier_config(cfg, init.hf_dir),
             start=StartingWeights(str(init.hf_dir), source, tracking_uri),
-            seed=cfg.run.seed,
             freeze_encoder=stage.freeze_encoder,
             eval_batch_size=cfg.train.eval_batch_size,
         ),
@@ -94,7 +95,7 @@ def train_classifier(
         ),
         tracking=cfg.tracking,
         config_hash=stage_hash(cfg, stage),
-        checkpoint_key=checkpoint_key(),
+        signing_key=signing_key or checkpoint_key(),
     )
     fit(
         job,
@@ -121,14 +122,13 @@ def adapt(
     run_name: str,
     tracking_uri: str,
     workdir: Path,
+    signing_key: bytes | None = None,
 ) -> StageOutcome:
     """Masked-LM adaptation on the task's training text: pretraining, started from ``source``,
     as the run ``run_name``; its final weights."""
-    result = run_pretraining(
-        adaptation_config(cfg, stage, source, run_name, tracking_uri), workdir=workdir
-    )
-    metrics = {k[4:]: float(v) for k, v in result.metrics.items() if k.startswith("val/")}
-    return StageOutcome(result.hf_path, metrics, result.steps)
+    config = adaptation_config(cfg, stage, source, run_name, tracking_uri)
+    result = run_pretraining(config, workdir=workdir, signing_key=signing_key)
+    return StageOutcome(result.hf_path, section(result.metrics), result.steps)
 
 
 def adaptation_config(

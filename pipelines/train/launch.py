@@ -12,6 +12,10 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import ray.data
+import ray.train
+from ray.train.torch import TorchTrainer
+
 from pipelines.config import to_dict, to_yaml
 from pipelines.data.readers import DataError
 from pipelines.tracking import registry, runs
@@ -46,20 +50,32 @@ def open_run(
     client = runs.client_for(target)
     experiment_id = runs.experiment_id(client, experiment, target.artifact_location)
     run_id, resumed = runs.start_or_resume_run(client, experiment_id, run_name, tags)
-    if resumed:
-        before = client.get_run(run_id).data.tags
-        for key, value in tags.items():
-            if before.get(key) not in (None, value):
-                log.warning(
-                    "run %s resumed with a changed %s (%s -> %s)", run_name, key, before[key], value
-                )
-            client.set_tag(run_id, key, value)
+    describe_run(client, run_id, config, tags=tags if resumed else {}, sources=sources)
+    return client, run_id
+
+
+def describe_run(
+    client: Any,
+    run_id: str,
+    config: Any,
+    *,
+    tags: Mapping[str, str],
+    sources: Iterable[runs.DataSource] = (),
+) -> None:
+    """Log the config (parameters, ``config/resolved.yaml``), set ``tags`` (saying which changed
+    since the run began), and record the data sources on an existing run."""
+    before = client.get_run(run_id).data.tags
+    for key, value in tags.items():
+        if before.get(key) not in (None, value):
+            log.warning(
+                "run %s resumed with a changed %s (%s -> %s)", run_id, key, before[key], value
+            )
+        client.set_tag(run_id, key, value)
     runs.log_params(client, run_id, runs.flatten(to_dict(config)))
     client.log_text(run_id, to_yaml(config), "config/resolved.yaml")
     sources = list(sources)
     if sources:
         runs.log_data_sources(client, run_id, sources)
-    return client, run_id
 
 
 def worker_env(tracking: TrackingConfig) -> dict[str, str]:
@@ -79,11 +95,10 @@ def fit(
     """Run (or resume) the Ray Train run ``job.run_dir``; its ``Result``. A failure that a worker
     raised for a reason the user can fix (a checkpoint, the data, the starting model) is re-raised
     as that error."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     e = job.engine
     storage_path, _, name = job.run_dir.rpartition("/")
+    for dataset in datasets.values():
+        quiet(dataset)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
@@ -109,6 +124,14 @@ def fit(
         if cause is not None:
             raise cause from error
         raise
+
+
+def quiet(dataset: Any) -> Any:
+    """No Ray Data progress bars for a training dataset: the training loop prints progress, and
+    bars redrawn by every executor would bury it."""
+    if isinstance(dataset, ray.data.Dataset):
+        dataset.context.enable_progress_bars = False
+    return dataset
 
 
 def worker_cause(error: BaseException) -> BaseException | None:

@@ -41,6 +41,11 @@ def bits_per_byte(nats_per_byte: float) -> float:
     return nats_per_byte / LN2
 
 
+def section(metrics: Mapping[str, float], prefix: str = "val/") -> dict[str, float]:
+    """The metrics under ``prefix``, without it: ``{"val/loss": 3.1}`` -> ``{"loss": 3.1}``."""
+    return {k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
+
+
 @dataclass
 class Interval:
     """One worker's running sums since the last log."""
@@ -128,12 +133,10 @@ class ProgressLine:
         # echoes it as well, which shows every line twice.
         if "train/loss" in metrics:
             progress.info(" | ".join([self.name, *self._train_parts(step, metrics)]))
-        values = {k[4:]: v for k, v in metrics.items() if k.startswith("val/")}
+        values = section(metrics)
         if values:
             parts = [f"{self.name} | step {step} | val " + _pairs(values)]
-            best = {
-                k[5:]: v for k, v in metrics.items() if k.startswith("best/") and k != "best/step"
-            }
+            best = {k: v for k, v in section(metrics, "best/").items() if k != "step"}
             if best:
                 parts.append("best " + _pairs(best) + f" at step {int(metrics['best/step'])}")
             progress.info(" | ".join(parts))

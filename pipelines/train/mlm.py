@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import ray.train
 import torch
 import torch.nn.functional as F
 
@@ -25,7 +26,7 @@ from perceiver_core.masking import IGNORE_INDEX
 from perceiver_core.model import PerceiverForMaskedLM
 from perceiver_core.task_metrics import TaskMetric
 from pipelines.data.pretrain import crops_to_torch, take_rows
-from pipelines.train.core import Batch, StartingWeights, gather_arrays
+from pipelines.train.core import Batch, StartingWeights, WorkerJob, gather_arrays
 from pipelines.train.metrics import bits_per_byte
 from pipelines.train.position import DataPosition, ResumePointer
 
@@ -40,27 +41,24 @@ class MaskedLMSpec:
     eval_crops: int
     eval_batch_size: int
     prefetch_batches: int
-    run_dir: str  # the resume pointer's folder
     start: StartingWeights | None = None  # continued pretraining, MLM adaptation
 
-    def build(self, rank: int, world_size: int) -> MaskedLM:
-        return MaskedLM(self, rank, world_size)
+    def build(self, job: WorkerJob, rank: int, world_size: int) -> MaskedLM:
+        return MaskedLM(self, job.run_dir, rank, world_size)
 
 
 class MaskedLM:
     metric = TaskMetric("loss", higher_is_better=False)
     per_byte_loss = True
 
-    def __init__(self, spec: MaskedLMSpec, rank: int, world_size: int) -> None:
-        import ray.train
-
+    def __init__(self, spec: MaskedLMSpec, run_dir: str, rank: int, world_size: int) -> None:
         self.spec, self.rank, self.world_size = spec, rank, world_size
         self.validation = load_rows(
             ray.train.get_dataset_shard("validation"), spec.eval_crops, spec.eval_batch_size
         )
         self.position = DataPosition()
         self.committed = 0  # watermark of the newest checkpoint known to be committed
-        self.pointer = ResumePointer(spec.run_dir)
+        self.pointer = ResumePointer(run_dir)
         self.stream: MicroBatches | None = None
 
     def steps_per_epoch(self, batch_size: int) -> int:
@@ -75,8 +73,6 @@ class MaskedLM:
 
     def batch(self, step: int, micro: int, size: int, device: torch.device) -> Batch:
         if self.stream is None:
-            import ray.train
-
             shard = ray.train.get_dataset_shard("train")
             rows = shard.iter_batches(
                 batch_size=size, batch_format="numpy", prefetch_batches=self.spec.prefetch_batches
@@ -118,8 +114,10 @@ class MaskedLM:
         }
 
     def train_metrics(self) -> dict[str, float]:
-        skipped = self.stream.skipped if self.stream is not None else 0
-        return {"data/skipped_crops": float(skipped), "data/crops_consumed": self.position.consumed}
+        return {"data/skipped_crops": float(self.stream.skipped if self.stream else 0)}
+
+    def checkpoint_metrics(self) -> dict[str, float]:
+        return {"data/crops_consumed": float(self.position.consumed)}
 
     def before_checkpoint(self) -> None:
         """Pool every rank's consumed positions (a collective) and move the resume pointer."""

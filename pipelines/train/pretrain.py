@@ -20,7 +20,11 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import ray.data
+import ray.train
+from ray.data import ExecutionOptions, ExecutionResources
 
 from perceiver_core.config import PerceiverConfig
 from perceiver_core.hf import config_from_hf
@@ -35,12 +39,10 @@ from pipelines.train import export, storage
 from pipelines.train.checkpoint import HF_DIR, checkpoint_key
 from pipelines.train.config import HASH_EXCLUDE, PretrainConfig
 from pipelines.train.core import Schedule, StartingWeights, WorkerJob
-from pipelines.train.launch import fit, open_run
+from pipelines.train.launch import fit, open_run, quiet
+from pipelines.train.metrics import section
 from pipelines.train.mlm import MaskedLMSpec
 from pipelines.train.position import ResumePointer
-
-if TYPE_CHECKING:
-    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +63,12 @@ class PretrainResult:
     config_hash: str
 
 
-def run_pretraining(cfg: PretrainConfig, *, workdir: Path | None = None) -> PretrainResult:
+def run_pretraining(
+    cfg: PretrainConfig, *, workdir: Path | None = None, signing_key: bytes | None = None
+) -> PretrainResult:
     """Train (or resume) the run ``cfg.run.name``; returns when the last step is checkpointed and
-    its model registered. Needs a connected Ray runtime (``ray.init``)."""
+    its model registered. Needs a connected Ray runtime (``ray.init``). ``signing_key``: of the
+    checkpoints, as the caller resolved it (default: ``checkpoint_key()`` in this process)."""
     workdir = (workdir or Path.cwd()).resolve()
     run_dir = f"{storage.resolve(cfg.run.storage_path, workdir)}/{cfg.run.name}"
     index = load_or_build_index(cfg.data, run_dir)
@@ -106,7 +111,6 @@ def run_pretraining(cfg: PretrainConfig, *, workdir: Path | None = None) -> Pret
             eval_crops=eval_crops,
             eval_batch_size=cfg.eval.batch_size,
             prefetch_batches=t.prefetch_batches,
-            run_dir=run_dir,
             start=start,
         ),
         engine=t,
@@ -122,7 +126,7 @@ def run_pretraining(cfg: PretrainConfig, *, workdir: Path | None = None) -> Pret
         ),
         tracking=cfg.tracking,
         config_hash=digest,
-        checkpoint_key=checkpoint_key(),
+        signing_key=signing_key or checkpoint_key(),
         register_as=cfg.tracking.registered_model if cfg.tracking.register else None,
         lineage=lineage,
         debug=cfg.debug,
@@ -143,7 +147,7 @@ def run_pretraining(cfg: PretrainConfig, *, workdir: Path | None = None) -> Pret
         metrics = dict(result.metrics or {})
         registered = None
         if cfg.tracking.register:
-            values = {k[4:]: float(v) for k, v in metrics.items() if k.startswith("val/")}
+            values = section(metrics)
             registered = export.register(
                 target.tracking_uri,
                 f"{location}/{HF_DIR}",
@@ -256,9 +260,6 @@ def datasets(
 def dataset_config(cfg: PretrainConfig) -> Any:
     """Only the training stream is split; every worker reads the same validation crops and
     evaluates its share. Order is kept so that the stream is the same on every run."""
-    import ray.train
-    from ray.data import ExecutionOptions, ExecutionResources
-
     limits = ExecutionResources(object_store_memory=cfg.train.data_buffer_mb * 2**20)
     return ray.train.DataConfig(
         datasets_to_split=["train"],
@@ -300,7 +301,7 @@ class TrainStreamFactory:
         if start:
             log.info("training stream starts at crop %d (resume)", start)
         ds = pretraining_dataset(self.data, self.index, split="train", start=start)
-        return ds.limit(max(0, self.needed - start) + self.slack)
+        return quiet(ds.limit(max(0, self.needed - start) + self.slack))
 
 
 def stream_slack(data: PretrainDataConfig, crops_per_checkpoint: int, world_size: int) -> int:

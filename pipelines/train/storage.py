@@ -31,11 +31,6 @@ def _fs(location: str) -> tuple[Any, str]:
     return pyarrow.fs.FileSystem.from_uri(uri)
 
 
-def exists(location: str) -> bool:
-    fs, path = _fs(location)
-    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
-
-
 def read_text(location: str) -> str | None:
     """The file's text, or None when there is no such file."""
     fs, path = _fs(location)

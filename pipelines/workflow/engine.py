@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pipelines.config import config_hash, from_dict, to_dict, to_yaml
 from pipelines.tracking import runs
+from pipelines.train.checkpoint import checkpoint_key
 from pipelines.workflow import state
 from pipelines.workflow.plan import PlannedStage, plan_pipeline, stage_hashes
 from pipelines.workflow.spec import PipelineConfig, Reference, StageContext, StageKind
@@ -151,6 +152,7 @@ def run_pipeline(
     workdir: Path | None = None,
     poll_s: float = 5.0,
     parent_run_id: str | None = None,
+    signing_key: bytes | None = None,
 ) -> PipelineResult:
     """Run the stages of ``cfg`` that have not finished yet under its ``pipeline.run_name``.
 
@@ -159,12 +161,14 @@ def run_pipeline(
     directory) is where relative paths and the default SQLite tracking store are. ``poll_s``: how
     often the driver looks for stages that started, for its progress lines. ``parent_run_id``: an
     existing MLflow run (a stage of an enclosing pipeline) to hold the stage runs, instead of a
-    parent run found or created by name; its status stays its owner's. Ray must be initialised by
+    parent run found or created by name; its status stays its owner's. ``signing_key``: the
+    checkpoint key the stages get (default: ``checkpoint_key()`` here). Ray must be initialised by
     the caller.
     """
     plan = plan_pipeline(cfg, kinds)  # every config mistake is found before any side effect
     workdir = (workdir or Path.cwd()).resolve()
-    return _Driver(cfg, plan, workdir, poll_s, parent_run_id).run()
+    driver = _Driver(cfg, plan, workdir, poll_s, parent_run_id, signing_key or checkpoint_key())
+    return driver.run()
 
 
 class _Driver:
@@ -177,8 +181,10 @@ class _Driver:
         workdir: Path,
         poll_s: float,
         parent_run_id: str | None,
+        signing_key: bytes,
     ) -> None:
         self.cfg, self.plan, self.workdir, self.poll_s = cfg, plan, workdir, poll_s
+        self.signing_key = signing_key
         self.nested = parent_run_id is not None
         self.hashes = stage_hashes(plan)
         self.target = runs.resolve_tracking(cfg.tracking.tracking_uri, workdir)
@@ -314,6 +320,7 @@ class _Driver:
             experiment=self.cfg.tracking.experiment,
             experiment_id=self.experiment_id,
             workdir=self.workdir,
+            signing_key=self.signing_key,
         )
 
     def _submit(

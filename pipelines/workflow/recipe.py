@@ -18,18 +18,20 @@ and is of the expected kind, the task's files exist and have the text and label 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from perceiver_core.task_metrics import primary_metric
-from pipelines.config import to_dict
+from pipelines.config import config_hash, to_dict
 from pipelines.data.finetune import check_columns
 from pipelines.tracking import registry, runs
 from pipelines.tracking.config import TrackingConfig
 from pipelines.tracking.models import resolve_model
 from pipelines.train import finetune
-from pipelines.train.finetune_config import FinetuneConfig, StageConfig
+from pipelines.train.finetune_config import HASH_EXCLUDE, FinetuneConfig, StageConfig
+from pipelines.train.launch import describe_run, open_run
 from pipelines.workflow.engine import run_pipeline
 from pipelines.workflow.spec import (
     PipelineConfig,
@@ -60,6 +62,7 @@ class WeightsInput:
 
 @dataclass(frozen=True)
 class StageOutputs:
+    stage: str  # the recipe's stage
     kind: str  # mlm or classify
     weights: str  # the stage's best (classify) or final (mlm) weights: an HF folder or URI
     metrics: dict[str, float]  # of those weights, on the evaluation split
@@ -107,12 +110,18 @@ def train_stage(ctx: StageContext, params: RecipeParams, inputs: WeightsInput) -
     client = ctx.mlflow_client()
     client.set_tag(ctx.run_id, "finetune.init", source)
     runs.log_params(client, ctx.run_id, runs.flatten(to_dict(stage), "stage."))
-    where = {"run_name": ctx.run_name, "tracking_uri": ctx.tracking_uri, "workdir": ctx.workdir}
+    where = {
+        "run_name": ctx.run_name,
+        "tracking_uri": ctx.tracking_uri,
+        "workdir": ctx.workdir,
+        "signing_key": ctx.signing_key,
+    }
     if stage.kind == "mlm":
         outcome = finetune.adapt(cfg, stage, source, **where)
     else:
         outcome = finetune.train_classifier(cfg, stage, source, run_id=ctx.run_id, **where)
     return StageOutputs(
+        stage=stage.name,
         kind=stage.kind,
         weights=outcome.weights,
         metrics=outcome.metrics,
@@ -125,14 +134,20 @@ def train_stage(ctx: StageContext, params: RecipeParams, inputs: WeightsInput) -
 
 
 def select(ctx: StageContext, params: SelectParams, inputs: SelectInputs) -> StageOutputs:
-    """The best trial of a sweep, by the task's metric; every trial's score on this stage's run."""
+    """The best trial of a sweep, by the task's metric (a trial that diverged to NaN never wins
+    over one that did not); every trial's score on this stage's run."""
     trials = [StageOutputs(**t) for t in inputs.trials]
     client = ctx.mlflow_client()
     for t in trials:
         key = f"sweep/lr{t.lr:g}-bs{t.batch_size}/{params.metric}"
         client.log_metric(ctx.run_id, key, t.metrics[params.metric])
     sign = 1.0 if params.higher_is_better else -1.0
-    best = max(trials, key=lambda t: sign * t.metrics[params.metric])
+
+    def rank(t: StageOutputs) -> float:
+        value = t.metrics[params.metric]
+        return -math.inf if math.isnan(value) else sign * value
+
+    best = max(trials, key=rank)
     client.set_tag(ctx.run_id, "sweep.best", best.run_name)
     return dataclasses.replace(best, run_name=ctx.run_name, run_id=ctx.run_id)
 
@@ -261,21 +276,9 @@ def _train(
 
 
 @dataclass(frozen=True)
-class RecipeStage:
-    stage: str
-    kind: str
-    run_name: str
-    run_id: str
-    weights: str
-    metrics: dict[str, float]
-    step: int
-    params: dict[str, Any]  # lr and batch size (what a sweep chose)
-
-
-@dataclass(frozen=True)
 class FinetuneResult:
     run_id: str  # the recipe's MLflow run (parent of the stage runs)
-    stages: list[RecipeStage]
+    stages: list[StageOutputs]  # of the recipe's stages (a sweep: its best trial's)
     metric: str  # the task's primary metric
     score: float
     registered: registry.RegisteredModel | None
@@ -283,10 +286,15 @@ class FinetuneResult:
 
 
 def run_finetune(
-    cfg: FinetuneConfig, *, workdir: Path | None = None, parent_run_id: str | None = None
+    cfg: FinetuneConfig,
+    *,
+    workdir: Path | None = None,
+    parent_run_id: str | None = None,
+    signing_key: bytes | None = None,
 ) -> FinetuneResult:
     """Run (or resume) the recipe; needs a connected Ray runtime (``ray.init``). ``parent_run_id``:
-    an MLflow run to hold the stage runs (a stage of an enclosing pipeline)."""
+    an MLflow run to hold the stage runs (a stage of an enclosing pipeline); ``signing_key``: of
+    the checkpoints (default: ``checkpoint_key()`` here)."""
     workdir = (workdir or Path.cwd()).resolve()
     target = runs.resolve_tracking(cfg.tracking.tracking_uri, workdir)
     # A missing model, or one of the wrong kind, fails here, before anything starts.
@@ -294,10 +302,30 @@ def run_finetune(
     for split in (cfg.splits.train, cfg.splits.eval_split(cfg.data.task)):
         check_columns(cfg.data, split)  # the label and text columns, in the first file
     parent = init.registered.registry_uri if init.registered is not None else cfg.init
+    tags = {
+        "config_hash": config_hash(cfg, exclude=HASH_EXCLUDE),
+        "data.fingerprint": finetune.data_fingerprint(cfg.data, cfg.splits.train),
+        "finetune.init": cfg.init,
+    }
+    # The recipe's run: this one's own, or the enclosing stage's run it is nested in.
+    if parent_run_id is None:
+        client, run_id = open_run(target, cfg.tracking.experiment, cfg.run.name, cfg, tags=tags)
+    else:
+        client, run_id = runs.client_for(target), parent_run_id
+        describe_run(client, run_id, cfg, tags=tags)
     pipeline = recipe_pipeline(cfg, target.tracking_uri, parent)
-    result = run_pipeline(pipeline, KINDS, workdir=workdir, parent_run_id=parent_run_id)
+    try:
+        result = run_pipeline(
+            pipeline, KINDS, workdir=workdir, parent_run_id=run_id, signing_key=signing_key
+        )
+    except BaseException:
+        if parent_run_id is None:
+            runs.finish_run(client, run_id, "FAILED")
+        raise
+    if parent_run_id is None:
+        runs.finish_run(client, run_id)
     outputs = {name: stage.outputs or {} for name, stage in result.stages.items()}
-    stages = [_stage(s.name, outputs[s.name]) for s in cfg.stages]
+    stages = [StageOutputs(**outputs[s.name]) for s in cfg.stages]
     metric = primary_metric(cfg.data.task, cfg.data.columns().num_labels)
     registered = None
     if "register" in outputs:
@@ -310,17 +338,4 @@ def run_finetune(
         score=stages[-1].metrics[metric.name],
         registered=registered,
         promoted=outputs.get("register", {}).get("promoted"),
-    )
-
-
-def _stage(name: str, out: dict[str, Any]) -> RecipeStage:
-    return RecipeStage(
-        stage=name,
-        kind=out["kind"],
-        run_name=out["run_name"],
-        run_id=out["run_id"],
-        weights=out["weights"],
-        metrics=out["metrics"],
-        step=out["step"],
-        params={"lr": out["lr"], "batch_size": out["batch_size"]},
     )

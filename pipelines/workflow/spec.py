@@ -59,6 +59,9 @@ class StageContext:
         resumed says whether it existed before this attempt.
     tracking_uri: resolved and absolute; workers run in other directories than the driver.
     workdir: the driver's working directory (absolute), for relative paths in params.
+    signing_key: the key that signs training checkpoints (``pipelines.train.checkpoint``),
+        resolved once on the driver, so that every stage signs and verifies with the same key on
+        whichever node Ray runs it.
     """
 
     pipeline: str
@@ -73,6 +76,7 @@ class StageContext:
     experiment: str
     experiment_id: str
     workdir: Path
+    signing_key: bytes = field(default=b"", repr=False)
 
     def mlflow_client(self) -> Any:
         """An ``MlflowClient`` for this pipeline's tracking server (log to ``run_id`` with it)."""

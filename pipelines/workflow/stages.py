@@ -91,7 +91,7 @@ def pretrain(ctx: StageContext, params: TrainParams, inputs: ModelInput) -> Pret
     if not cfg.tracking.register:
         raise ValueError(f"stage {ctx.stage}: tracking.register must be on (later stages need it)")
     _quiet_ray_data()
-    result = run_pretraining(cfg, workdir=ctx.workdir)
+    result = run_pretraining(cfg, workdir=ctx.workdir, signing_key=ctx.signing_key)
     assert result.registered_model is not None  # register is on
     return PretrainOutputs(
         model_uri=result.registered_model.registry_uri,
@@ -113,7 +113,9 @@ def finetune(ctx: StageContext, params: TrainParams, inputs: ModelInput) -> Fine
     if not cfg.register.enabled:
         raise ValueError(f"stage {ctx.stage}: register.enabled must be on (later stages need it)")
     _quiet_ray_data()
-    result = run_finetune(cfg, workdir=ctx.workdir, parent_run_id=ctx.run_id)
+    result = run_finetune(
+        cfg, workdir=ctx.workdir, parent_run_id=ctx.run_id, signing_key=ctx.signing_key
+    )
     assert result.registered is not None
     return FinetuneOutputs(
         model_uri=result.registered.registry_uri,
