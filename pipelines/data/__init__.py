@@ -1,7 +1,8 @@
 """Data pipelines: pretraining crops and fine-tuning datasets as lazy Ray Datasets.
 
-Pretraining (see ``pretrain`` for the stream, ``mixture`` for interleaving, ``index`` for the
-index pass, ``units`` for how documents become crops, ``readers``/``sources`` for files)::
+Pretraining (``config`` for its settings, ``pretrain`` for the stream, ``mixture`` for
+interleaving, ``index`` for the index pass, ``units`` for how documents become crops,
+``readers``/``sources`` for files)::
 
     cfg = pipelines.config.load_config(PretrainDataConfig, "data.yaml", ["data_dir=../shared/data"])
     index = build_index(cfg)                       # executes; the job saves it (DataIndex.save)

@@ -31,6 +31,7 @@ from torch import nn
 from perceiver_core.hf import save_pretrained
 from perceiver_core.task_metrics import TaskMetric
 from pipelines.tracking.config import TrackingConfig
+from pipelines.tracking.models import resolve_model
 from pipelines.tracking.registry import Lineage
 from pipelines.tracking.sink import MetricsSink, MlflowSink, MultiSink, build_sink
 from pipelines.train import export
@@ -71,8 +72,6 @@ class StartingWeights:
     def local(self) -> Path:
         if (Path(self.folder) / "config.json").is_file():
             return Path(self.folder)
-        from pipelines.tracking.models import resolve_model  # only where the folder is missing
-
         return resolve_model(self.source, tracking_uri=self.tracking_uri).hf_dir
 
 
