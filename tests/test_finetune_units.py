@@ -84,7 +84,7 @@ def test_recipe_config_errors_name_the_key(tmp_path) -> None:
     assert load().registered_model == "perceiver-imdb"
     assert load("data.task=glue/sst2").registered_model == "perceiver-sst2"
     assert load("data.task=glue/mnli").splits.eval_split("glue/mnli") == "validation_matched"
-    with pytest.raises(ConfigError, match=r"stages.0.batch_size: \[5\] not a multiple"):
+    with pytest.raises(ConfigError, match=r"stages.0.batch_size: a batch of 5 does not split"):
         load("train.num_workers=2", "stages.0.batch_size=5")
     with pytest.raises(ConfigError, match="last stage must be a classify stage"):
         load("stages.0.kind=mlm")

@@ -40,8 +40,7 @@ def logged_steps(client, run_id: str, key: str) -> list[int]:
 
 
 def consumed_crops(checkpoint: Path) -> int:
-    position = json.loads((checkpoint / "state.json").read_text())["task"]["position"]
-    return position["watermark"] + sum(b - a for a, b in position["extra"])
+    return json.loads((checkpoint / "state.json").read_text())["task"]["consumed"]
 
 
 def cfg_run_dir(cfg) -> Path:
@@ -69,6 +68,7 @@ def test_killed_worker_is_replaced_and_training_continues(
             "debug.pause_at_step=25",
             "debug.pause_s=120",
             f"debug.marker_dir={markers}",
+            f"debug.samples_dir={tmp_path / 'samples'}",
         ],
         index=tiny_data_index,
     )
@@ -86,7 +86,7 @@ def test_killed_worker_is_replaced_and_training_continues(
     wait_for(marker.exists, 300, "rank 1 to reach step 25")
     # Ray Train commits a reported checkpoint when its controller next polls the workers (every
     # 2 s); a failure before that falls back to the previous one. Either is correct; waiting for
-    # the commit makes this test take the path where crops are skipped on resume.
+    # the commit makes the restart resume from step 20.
     snapshot = cfg_run_dir(cfg) / "checkpoint_manager_snapshot.json"
     wait_for(
         lambda: snapshot.exists() and "checkpoint_00000020" in snapshot.read_text(),
@@ -103,13 +103,37 @@ def test_killed_worker_is_replaced_and_training_continues(
     # Exactly one value per step, although steps 21-25 ran twice (before and after the restart).
     assert logged_steps(client, result.run_id, "train/loss") == list(range(1, steps + 1))
     assert logged_steps(client, result.run_id, "val/loss") == [20, steps]
-    # The data stream continued where the step-20 checkpoint left it: every crop of the 40 steps
-    # is distinct, and the crops trained before the checkpoint were skipped, not trained again
-    # (the stream restarts at the step-10 position, see pipelines/train/data.py).
+    # Steps 21-25 ran twice; what each step finally trained on is exactly its crops, the same as
+    # an uninterrupted run's: step k the stream positions [64 (k - 1), 64 k).
     assert consumed_crops(Path(result.checkpoint_path)) == steps * CROPS_PER_STEP
-    skipped = client.get_metric_history(result.run_id, "data/skipped_crops")
-    assert max(m.value for m in skipped) > 0
+    trained = trained_positions(tmp_path / "samples")
+    assert sorted(trained) == list(range(1, steps + 1))
+    for step, positions in trained.items():
+        assert positions == list(range((step - 1) * CROPS_PER_STEP, step * CROPS_PER_STEP)), step
+    assert executions(tmp_path / "samples", 22) == 2  # before the kill and after the restart
     assert result.registered_model is not None
+
+
+def sample_records(folder: Path) -> list[dict]:
+    return [json.loads(line) for f in folder.glob("*.jsonl") for line in f.read_text().splitlines()]
+
+
+def trained_positions(folder: Path) -> dict[int, list[int]]:
+    """The stream positions each step trained on in the end: of every (step, micro-batch, rank),
+    the last execution (a step run again after a restart replaces the one rolled back)."""
+    last: dict[tuple[int, int, int], dict] = {}
+    for record in sorted(sample_records(folder), key=lambda r: r["time"]):
+        last[(record["step"], record["micro"], record["positions"][0])] = record
+    steps: dict[int, list[int]] = {}
+    for (step, _, _), record in last.items():
+        steps.setdefault(step, []).extend(record["positions"])
+    return {step: sorted(positions) for step, positions in steps.items()}
+
+
+def executions(folder: Path, step: int) -> int:
+    """How many times a step's first micro-batch of rank 0 was trained on."""
+    first = (step - 1) * CROPS_PER_STEP
+    return sum(r["positions"][0] == first for r in sample_records(folder))
 
 
 def run_job(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

@@ -19,9 +19,8 @@ from pipelines.train.checkpoint import CheckpointError, TrainState, rng_state, s
 from pipelines.train.config import HASH_EXCLUDE, PretrainConfig
 from pipelines.train.engine import deepspeed_config, resolve_precision
 from pipelines.train.metrics import bits_per_byte
-from pipelines.train.mlm import MicroBatches, masked_lm_sums
+from pipelines.train.mlm import StreamWindow, masked_lm_sums
 from pipelines.train.optim import Lamb, OptimizerConfig, lr_factor, parameter_groups
-from pipelines.train.position import DataPosition, ResumePointer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 
@@ -58,12 +57,26 @@ def test_shipped_configs_load() -> None:
         ("checkpoint.export_at=[600000]", "checkpoint.export_at: steps [600000] are after"),
         ("train.optimiser.lr=1", "train.optimiser: unknown key; expected one of"),
         ("debug.pause_at_step=3", "debug: marker_dir must be set with pause_at_step"),
+        ("train.num_workers=[4,2]", "train: num_workers must be a positive number or [min, max]"),
+        (
+            "train.num_workers=[4,8]",
+            "train: micro_batch_size: a batch of 512 does not split into micro-batches of 64 on 5",
+        ),
     ],
 )
 def test_bad_configs_fail_at_load_naming_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(PretrainConfig, CONFIGS / "pretrain_base.yaml", [override])
     assert message in str(info.value)
+
+
+def test_an_elastic_group_keeps_its_global_batch() -> None:
+    tiny = CONFIGS / "pretrain_tiny.yaml"
+    cfg = load_config(PretrainConfig, tiny, ["train.num_workers=[1,2]", "train.zero_stage=0"])
+    assert cfg.train.workers == (1, 2) and cfg.train.elastic
+    assert cfg.train.crops_per_step == 64  # the most workers' batch, accumulated by fewer
+    with pytest.raises(ConfigError, match="ZeRO-2 checkpoints hold each worker's shard"):
+        load_config(PretrainConfig, tiny, ["train.num_workers=[1,2]"])
 
 
 def test_config_hash_ignores_where_and_how_the_run_is_tracked() -> None:
@@ -199,48 +212,32 @@ def test_ddp_engine_accumulates_to_the_same_step_as_one_batch(tmp_path: Path) ->
 # -- data position and micro-batches --------------------------------------------------------------
 
 
-def test_data_position_tracks_a_prefix_and_stragglers() -> None:
-    p = DataPosition().advance(np.r_[np.arange(0, 100), np.arange(200, 300)])
-    assert p == DataPosition(100, ((200, 300),)) and p.consumed == 200
-    p = p.advance(np.r_[np.arange(350, 360), np.arange(100, 150)])
-    assert p == DataPosition(150, ((200, 300), (350, 360)))
-    p = p.advance(np.arange(150, 200))
-    assert p == DataPosition(300, ((350, 360),))
-    seen = p.seen(np.array([0, 299, 300, 349, 350, 359, 360]))
-    assert seen.tolist() == [True, True, False, False, True, True, False]
-    assert DataPosition.from_dict(p.to_dict()) == p
-    assert p.advance(np.zeros(0, dtype=np.int64)) == p
-
-
 def rows(positions: np.ndarray, crop_len: int = 8) -> dict[str, np.ndarray]:
     n = len(positions)
     ids = np.full((n, crop_len), 10, dtype=np.uint16)
     labels = np.full((n, crop_len), -100, dtype=np.int16)
     labels[:, 1] = 10
-    labels[::2, 2] = 10
-    return {
-        "input_ids": ids,
-        "labels": labels,
-        "length": np.full(n, crop_len - 1, dtype=np.uint16),
-        "masked": (labels != -100).sum(axis=1).astype(np.uint16),
-        "position": positions.astype(np.int64),
-    }
+    return {"input_ids": ids, "labels": labels, "position": positions.astype(np.int64)}
 
 
-def test_micro_batches_are_exact_skip_consumed_rows_and_record_positions() -> None:
-    batches = [rows(np.arange(a, b)) for a, b in [(0, 5), (5, 6), (6, 20), (20, 23)]]
-    skip = DataPosition(3, ((10, 12),))
-    stream = MicroBatches(iter(batches), size=4, skip=skip)
-    first = stream.next()
-    assert first["position"].tolist() == [3, 4, 5, 6] and first["input_ids"].shape == (4, 8)
-    second = stream.next()
-    assert stream.drain_consumed().tolist() == [3, 4, 5, 6, 7, 8, 9, 12]
-    assert int(second["masked"].sum()) == 6
-    stream.next()  # 13..16
-    stream.next()  # 17..20
-    assert stream.skipped == 5
-    with pytest.raises(EOFError, match="stream ended"):
-        stream.next()
+def test_stream_window_serves_each_position_once_in_any_order() -> None:
+    blocks = [rows(np.arange(a, b)) for a, b in [(6, 10), (10, 11), (11, 20), (20, 23)]]
+    window = StreamWindow(iter(blocks), start=6)
+    # Two ranks of a step, the second asking first; a micro-batch spanning three blocks.
+    assert window.take(10, 4)["position"].tolist() == [10, 11, 12, 13]
+    assert window.take(6, 4)["position"].tolist() == [6, 7, 8, 9]
+    assert window.first == 11  # the first two blocks are all served and dropped
+    assert window.take(14, 8)["input_ids"].shape == (8, 8)
+    with pytest.raises(RuntimeError, match="served already"):
+        window.take(8, 2)
+    with pytest.raises(EOFError, match="ended at position 23"):
+        window.take(22, 2)
+
+
+def test_stream_window_refuses_a_gap_in_the_stream() -> None:
+    window = StreamWindow(iter([rows(np.arange(0, 4)), rows(np.arange(5, 9))]), start=0)
+    with pytest.raises(RuntimeError, match="skipped from 4 to 5"):
+        window.take(2, 4)
 
 
 # -- checkpoint state -----------------------------------------------------------------------------
@@ -286,15 +283,6 @@ def test_rng_state_is_json_and_restores_every_generator() -> None:
     again = (torch.rand(3), np.random.rand(3), random.random())
     torch.testing.assert_close(draws[0], again[0])
     assert np.array_equal(draws[1], again[1]) and draws[2] == again[2]
-
-
-def test_resume_pointer_on_local_storage(tmp_path: Path) -> None:
-    pointer = ResumePointer(str(tmp_path / "runs" / "name"))
-    assert pointer.read() == 0
-    pointer.write(1234)
-    pointer.write(2345)
-    assert pointer.read() == 2345
-    assert sorted(p.name for p in (tmp_path / "runs" / "name").iterdir()) == ["resume_pointer.json"]
 
 
 # -- metrics --------------------------------------------------------------------------------------

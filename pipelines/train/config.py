@@ -85,6 +85,12 @@ class EngineSection:
 
     num_workers / use_gpu / cpus_per_worker: the Ray Train worker group; a worker drives one
         device. Fractional CPUs leave cores to the Ray Data read tasks on small machines.
+        ``[min, max]`` makes the group elastic: it starts with as many workers as the cluster
+        has room for (at least ``min``), goes on with fewer when a node is lost and grows again
+        when room returns, each resize restarting from the last checkpoint. The global batch
+        stays the same (gradient accumulation makes up for fewer workers), so it must split
+        evenly for every size in the range; ZeRO 1-3 checkpoints cannot change size (stage 0).
+    elastic_resize_s: how often an elastic group checks whether it can grow.
     strategy: ``deepspeed`` (ZeRO ``zero_stage`` 0-3) or ``ddp`` (torch DistributedDataParallel
         through Ray Train; zero_stage must be 0).
     zero_stage: DeepSpeed ZeRO stage (0: plain data parallel; 1-3 shard optimizer state, then
@@ -96,7 +102,8 @@ class EngineSection:
     log_every: steps between metric logs (each log averages the steps since the previous one).
     """
 
-    num_workers: int = 1
+    num_workers: int | list[int] = 1
+    elastic_resize_s: float = 60.0
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     strategy: Literal["deepspeed", "ddp"] = "deepspeed"
@@ -107,9 +114,21 @@ class EngineSection:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("num_workers", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        shape_ok = isinstance(self.num_workers, int) or len(self.num_workers) == 2
+        if not shape_ok or not 1 <= self.workers[0] <= self.workers[1]:
+            raise ValueError(
+                f"num_workers must be a positive number or [min, max], got {self.num_workers}"
+            )
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if self.elastic and self.zero_stage:
+            raise ValueError(
+                f"num_workers: ZeRO-{self.zero_stage} checkpoints hold each worker's shard and "
+                "load only into as many workers as wrote them; an elastic group needs "
+                "zero_stage 0 (or strategy ddp), or give a fixed number of workers"
+            )
+        if self.elastic_resize_s <= 0:
+            raise ValueError(f"elastic_resize_s must be positive, got {self.elastic_resize_s}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.strategy == "ddp" and self.zero_stage:
@@ -120,6 +139,26 @@ class EngineSection:
             raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
         if self.peak_flops_per_worker <= 0:
             raise ValueError("peak_flops_per_worker must be positive")
+
+    @property
+    def workers(self) -> tuple[int, int]:
+        """(fewest, most) workers of the group."""
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else (int(n[0]), int(n[-1]))
+
+    @property
+    def elastic(self) -> bool:
+        return self.workers[0] != self.workers[1]
+
+    def check_batch(self, batch_size: int, micro_batch_size: int | None, key: str) -> None:
+        """The global batch splits into micro-batches on every group size in the range."""
+        for world in range(self.workers[0], self.workers[1] + 1):
+            size = micro_batch_size or batch_size // world
+            if batch_size % (size * world):
+                raise ValueError(
+                    f"{key}: a batch of {batch_size} does not split into micro-batches of {size} "
+                    f"on {world} workers (num_workers {self.num_workers})"
+                )
 
     def check_optimizer(self, optimizer: OptimizerConfig, key: str = "optimizer") -> None:
         if optimizer.name == "lamb" and self.zero_stage > 0:
@@ -137,7 +176,8 @@ class TrainConfig(EngineSection):
     steps: optimizer steps of the whole run.
     micro_batch_size: crops per worker per forward pass.
     grad_accum_steps: micro-batches per optimizer step; a step sees
-        ``micro_batch_size * grad_accum_steps * num_workers`` crops.
+        ``micro_batch_size * grad_accum_steps * num_workers`` crops (the most workers of an
+        elastic group; with fewer, each accumulates more micro-batches).
     report_every: steps between metric reports to Ray Train besides those that come with every
         checkpoint (0: only those). A report is a barrier that waits for Ray Train's controller to
         collect the previous one, which it polls every 2 s, so frequent reports stall training;
@@ -168,10 +208,11 @@ class TrainConfig(EngineSection):
         if self.prefetch_batches < 0:
             raise ValueError(f"prefetch_batches must be >= 0, got {self.prefetch_batches}")
         self.check_optimizer(self.optimizer)
+        self.check_batch(self.crops_per_step, self.micro_batch_size, "micro_batch_size")
 
     @property
     def crops_per_step(self) -> int:
-        return self.micro_batch_size * self.grad_accum_steps * self.num_workers
+        return self.micro_batch_size * self.grad_accum_steps * self.workers[1]
 
 
 @dataclass
@@ -214,13 +255,16 @@ class CheckpointSection:
 
 @dataclass
 class DebugSection:
-    """Fault injection for the failure tests. At ``pause_at_step`` every worker writes its PID to
-    ``marker_dir/rank<r>.pid`` (once per run: not again after a restart) and sleeps ``pause_s``,
-    giving a test the time to kill it."""
+    """Fault injection and records for the failure tests (never set in real runs). At
+    ``pause_at_step`` every worker writes its PID to ``marker_dir/rank<r>.pid`` (once per run: not
+    again after a restart) and sleeps ``pause_s``, giving a test the time to kill it.
+    ``samples_dir``: masked-LM workers append the stream positions and sample ids of every
+    micro-batch they train on there (JSON lines), to compare runs crop by crop."""
 
     pause_at_step: int | None = None
     pause_s: float = 60.0
     marker_dir: str | None = None
+    samples_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.pause_at_step is not None and not self.marker_dir:

@@ -170,7 +170,7 @@ def adaptation_config(
         train=TrainConfig(
             **engine,
             steps=stage.steps,
-            micro_batch_size=stage.batch_size // t.num_workers,
+            micro_batch_size=stage.batch_size // t.workers[1],
             optimizer=stage.optimizer,
         ),
         eval=EvalSection(every=every, crops=256, batch_size=t.eval_batch_size),

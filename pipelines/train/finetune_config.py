@@ -180,15 +180,10 @@ class FinetuneConfig:
             raise ValueError(f"stages: names must be unique, got {names}")
         if self.stages[-1].kind != "classify":
             raise ValueError("stages: the last stage must be a classify stage (it is registered)")
-        workers = self.train.num_workers
         for i, stage in enumerate(self.stages):
             self.train.check_optimizer(stage.optimizer, f"stages.{i}.optimizer")
-            sizes = stage.sweep.batch_size or [stage.batch_size]
-            bad = [b for b in sizes if b % workers]
-            if bad:
-                raise ValueError(
-                    f"stages.{i}.batch_size: {bad} not a multiple of train.num_workers ({workers})"
-                )
+            for size in stage.sweep.batch_size or [stage.batch_size]:
+                self.train.check_batch(size, None, f"stages.{i}.batch_size")
             if stage.crop_len > self.data.max_length and stage.kind == "mlm":
                 raise ValueError(
                     f"stages.{i}.crop_len ({stage.crop_len}) exceeds data.max_length "

@@ -103,7 +103,8 @@ def fit(
         train_loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=e.num_workers,
+            num_workers=e.workers if e.elastic else e.workers[0],
+            elastic_resize_monitor_interval_s=e.elastic_resize_s,
             use_gpu=e.use_gpu,
             resources_per_worker={"CPU": e.cpus_per_worker, **({"GPU": 1} if e.use_gpu else {})},
         ),

@@ -1,23 +1,35 @@
 """Masked-language modelling as a task of the training core: batches from the crop stream, the loss
 the model computes on the masked bytes, and validation on held-out crops.
 
-Each worker reads its shard of the stream (``ray.train.get_dataset_shard("train")``), skipping the
-crops that the restored checkpoint records as trained on, and records the stream positions it
-hands out; at each checkpoint the workers pool them into the run's ``DataPosition``
-(``pipelines.train.position``).
+Every global step trains on the same crops, in the same micro-batches, whatever the number of
+workers, through restarts and resizes: step ``k`` (counted from the start of the run) takes the
+``batch_size`` crops at stream positions ``[k * B, (k + 1) * B)``, cut into micro-batches of
+``size`` crops dealt to the ranks one micro-batch after another (piece ``micro * W + rank``). The
+stream is read once, in order, by a ``CropFeed`` actor that rank 0 starts for each worker group at
+the restored position; the ranks ask it for positions. So the data position of a checkpoint is a
+number (crops consumed), nothing a lost worker could have moved, and a resumed or resized run
+trains every crop of the stream exactly once, in the order an uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import collections
+import json
+import os
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import ray.train
 import torch
 import torch.nn.functional as F
+from ray.data import ExecutionResources
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from perceiver_core.config import PerceiverConfig
 from perceiver_core.flops import step_flops
@@ -25,41 +37,49 @@ from perceiver_core.hf import load_into, load_state_dict
 from perceiver_core.masking import IGNORE_INDEX
 from perceiver_core.model import PerceiverForMaskedLM
 from perceiver_core.task_metrics import TaskMetric
-from pipelines.data.pretrain import crops_to_torch, take_rows
-from pipelines.train.core import Batch, StartingWeights, WorkerJob, gather_arrays
+from pipelines.data.config import PretrainDataConfig
+from pipelines.data.index import DataIndex
+from pipelines.data.pretrain import crops_to_torch, pretraining_dataset
+from pipelines.train.core import Batch, StartingWeights, WorkerJob
 from pipelines.train.metrics import bits_per_byte
-from pipelines.train.position import DataPosition, ResumePointer
 
 
 @dataclass(frozen=True)
 class MaskedLMSpec:
-    """What the driver resolved for a masked-LM run: the model, where its starting weights are,
-    and how much of the held-out split each validation reads."""
+    """What the driver resolved for a masked-LM run: the model and where its starting weights
+    are, the stream (its data settings and index, and how long the run needs it), and how much of
+    the held-out split each validation reads."""
 
     model_config: PerceiverConfig
-    crop_len: int
+    data: PretrainDataConfig
+    index: DataIndex
+    stream_crops: int  # positions the run trains on: steps x batch size
     eval_crops: int
     eval_batch_size: int
     prefetch_batches: int
+    buffer_mb: int  # object-store memory the stream may fill ahead of training
     start: StartingWeights | None = None  # continued pretraining, MLM adaptation
 
     def build(self, job: WorkerJob, rank: int, world_size: int) -> MaskedLM:
-        return MaskedLM(self, job.run_dir, rank, world_size)
+        return MaskedLM(self, job, rank, world_size)
 
 
 class MaskedLM:
     metric = TaskMetric("loss", higher_is_better=False)
     per_byte_loss = True
 
-    def __init__(self, spec: MaskedLMSpec, run_dir: str, rank: int, world_size: int) -> None:
-        self.spec, self.rank, self.world_size = spec, rank, world_size
+    def __init__(self, spec: MaskedLMSpec, job: WorkerJob, rank: int, world_size: int) -> None:
+        self.spec, self.job, self.rank, self.world_size = spec, job, rank, world_size
         self.validation = load_rows(
             ray.train.get_dataset_shard("validation"), spec.eval_crops, spec.eval_batch_size
         )
-        self.position = DataPosition()
-        self.committed = 0  # watermark of the newest checkpoint known to be committed
-        self.pointer = ResumePointer(run_dir)
-        self.stream: MicroBatches | None = None
+        # Crops consumed by the end of step ``base_step`` (the restored checkpoint's).
+        self.base_position, self.base_step = 0, 0
+        self.step = 0  # the last step a batch was taken for
+        self.feed: Any = None
+        self.next_ref: tuple[tuple[int, int], Any] | None = None
+        self.flops = _FlopsCounter(spec.model_config, spec.data.packing.crop_len)
+        self.samples = _SampleLog(job.debug.samples_dir, rank)
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return 0  # a stream has no epochs
@@ -71,23 +91,54 @@ class MaskedLM:
             load_into(model, load_state_dict(self.spec.start.local()), strict=False)
         return model
 
+    def position(self, step: int, micro: int, size: int) -> int:
+        """First stream position of this rank's micro-batch ``micro`` of step ``step`` (0-based)."""
+        offset = (step - self.base_step) * self.job.batch_size
+        return self.base_position + offset + (micro * self.world_size + self.rank) * size
+
     def batch(self, step: int, micro: int, size: int, device: torch.device) -> Batch:
-        if self.stream is None:
-            shard = ray.train.get_dataset_shard("train")
-            rows = shard.iter_batches(
-                batch_size=size, batch_format="numpy", prefetch_batches=self.spec.prefetch_batches
-            )
-            self.stream = MicroBatches(iter(rows), size, self.position)
-            self.flops = _FlopsCounter(self.spec.model_config, size, self.spec.crop_len)
-        rows = self.stream.next()
+        if self.feed is None:
+            self.feed = self._start_feed()
+        start = self.position(step, micro, size)
+        if self.next_ref is not None and self.next_ref[0] == (start, size):
+            rows = ray.get(self.next_ref[1])
+        else:
+            rows = ray.get(self.feed.take.remote(start, size))
+        # The next micro-batch, asked for now, arrives while this one trains.
+        accum = self.job.batch_size // (self.world_size * size)
+        following = (step, micro + 1) if micro + 1 < accum else (step + 1, 0)
+        ahead = self.position(*following, size)
+        if ahead + size <= self.spec.stream_crops:
+            self.next_ref = ((ahead, size), self.feed.take.remote(ahead, size))
+        self.step = step
+        self.samples.write(step + 1, micro, rows)
         masked = rows["masked"].astype(np.int64)
         return Batch(
             inputs=crops_to_torch(rows, device),
             examples=len(masked),
             real_bytes=int(rows["length"].astype(np.int64).sum()),
             targets=int(masked.sum()),
-            flops=self.flops(max(1, int(masked.max(initial=0)))),
+            flops=self.flops(size, max(1, int(masked.max(initial=0)))),
         )
+
+    def _start_feed(self) -> Any:
+        """Rank 0 starts this worker group's feed at the restored position; every rank gets it."""
+        names = [f"crop-feed-{uuid.uuid4().hex}"]
+        feed = None
+        if self.rank == 0:
+            here = NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=True
+            )
+            # Owned by rank 0's process: it ends with this worker group.
+            feed = (
+                ray.remote(CropFeed)
+                .options(name=names[0], num_cpus=0, scheduling_strategy=here)
+                .remote(self.spec, self.base_position)
+            )
+            ray.get(feed.__ray_ready__.remote())
+        if self.world_size > 1:
+            torch.distributed.broadcast_object_list(names, src=0)
+        return feed if feed is not None else ray.get_actor(names[0])
 
     @torch.no_grad()
     def evaluate(self, engine: Any) -> dict[str, float]:
@@ -113,33 +164,107 @@ class MaskedLM:
             "bits_per_byte": bits_per_byte(loss),
         }
 
+    def consumed(self) -> int:
+        """Crops trained on by the end of the last step."""
+        return self.base_position + (self.step + 1 - self.base_step) * self.job.batch_size
+
     def train_metrics(self) -> dict[str, float]:
-        return {"data/skipped_crops": float(self.stream.skipped if self.stream else 0)}
+        return {}
 
     def checkpoint_metrics(self) -> dict[str, float]:
-        return {"data/crops_consumed": float(self.position.consumed)}
+        return {"data/crops_consumed": float(self.consumed())}
 
     def before_checkpoint(self) -> None:
-        """Pool every rank's consumed positions (a collective) and move the resume pointer."""
-        consumed = (
-            self.stream.drain_consumed() if self.stream is not None else np.zeros(0, np.int64)
-        )
-        self.position = self.position.advance(gather_arrays(consumed, self.world_size))
-        if self.stream is not None:
-            self.stream.skip = self.position
-        if self.rank == 0:
-            # The pointer lags one checkpoint behind: the one being written is not committed
-            # until Ray Train has it, the previous one is.
-            self.pointer.write(self.committed)
-        self.committed = self.position.watermark
+        pass  # the position is a function of the step
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position.to_dict()}
+        return {"consumed": self.consumed(), "step": self.step + 1}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
-            self.position = DataPosition.from_dict(state["position"])
-            self.committed = self.position.watermark
+            self.base_position, self.base_step = int(state["consumed"]), int(state["step"])
+            self.step = self.base_step - 1
+
+
+class CropFeed:
+    """The training stream from ``start`` on, read once and in order, served by position: each
+    position to the one rank that asks for it. Runs as a Ray actor (one per worker group).
+
+    Blocks are kept until all their rows are served; ranks are at most a step or so apart (each
+    step ends in a collective), so that is about two steps of crops.
+    """
+
+    def __init__(self, spec: MaskedLMSpec, start: int) -> None:
+        ds = pretraining_dataset(spec.data, spec.index, split="train", start=start)
+        ds = ds.limit(max(0, spec.stream_crops - start))
+        ds.context.enable_progress_bars = False
+        ds.context.execution_options.resource_limits = ExecutionResources(
+            object_store_memory=spec.buffer_mb * 2**20
+        )
+        batches = ds.iter_batches(
+            batch_size=None, batch_format="numpy", prefetch_batches=spec.prefetch_batches
+        )
+        self.blocks = StreamWindow(iter(batches), start)
+
+    def take(self, start: int, size: int) -> dict[str, np.ndarray]:
+        return self.blocks.take(start, size)
+
+
+class StreamWindow:
+    """Column batches of consecutive stream positions, handed out by position range."""
+
+    def __init__(self, batches: Iterator[dict[str, np.ndarray]], start: int) -> None:
+        self.batches = batches
+        self.pending: collections.deque[list[Any]] = collections.deque()  # [first, rows, served]
+        self.first = self.end = start  # positions [first, end) are held
+
+    def take(self, start: int, size: int) -> dict[str, np.ndarray]:
+        if start < self.first:
+            raise RuntimeError(f"stream positions {start}.. were served already (a bug)")
+        while self.end < start + size:
+            batch = next(self.batches, None)
+            if batch is None:
+                raise EOFError(f"the training stream ended at position {self.end}")
+            n = len(batch["position"])
+            if n and int(batch["position"][0]) != self.end:
+                raise RuntimeError(f"the stream skipped from {self.end} to {batch['position'][0]}")
+            self.pending.append([self.end, batch, 0])
+            self.end += n
+        parts = []
+        for entry in self.pending:
+            first, rows, _ = entry
+            lo, hi = max(start, first) - first, min(start + size, first + len(rows["position"]))
+            if hi - first > lo:
+                parts.append({k: v[lo : hi - first] for k, v in rows.items()})
+                entry[2] += hi - first - lo
+        while self.pending and self.pending[0][2] == len(self.pending[0][1]["position"]):
+            self.first += len(self.pending.popleft()[1]["position"])
+        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        if not np.array_equal(out["position"], np.arange(start, start + size)):
+            raise RuntimeError(f"stream positions {start}..{start + size} are not all there")
+        return out
+
+
+class _SampleLog:
+    """With ``debug.samples_dir``: each rank appends the stream positions and sample ids of every
+    micro-batch it trains on (JSON lines), for the tests that compare runs crop by crop."""
+
+    def __init__(self, folder: str | None, rank: int) -> None:
+        self.path = Path(folder) / f"rank{rank}-{os.getpid()}.jsonl" if folder else None
+
+    def write(self, step: int, micro: int, rows: dict[str, np.ndarray]) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "step": step,
+            "micro": micro,
+            "time": time.time(),
+            "positions": rows["position"].tolist(),
+            "sample_ids": [int(x) for x in rows["sample_id"]],
+        }
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 @torch.no_grad()
@@ -155,58 +280,19 @@ def masked_lm_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class _FlopsCounter:
-    """Training FLOPs of a micro-batch, by the number of positions it decodes (cached)."""
+    """Training FLOPs of a micro-batch, by its crops and the positions it decodes (cached)."""
 
-    def __init__(self, config: PerceiverConfig, batch_size: int, seq_len: int) -> None:
-        self.config, self.batch_size, self.seq_len = config, batch_size, seq_len
-        self._cache: dict[int, int] = {}
+    def __init__(self, config: PerceiverConfig, seq_len: int) -> None:
+        self.config, self.seq_len = config, seq_len
+        self._cache: dict[tuple[int, int], int] = {}
 
-    def __call__(self, decoded_positions: int) -> int:
-        if decoded_positions not in self._cache:
-            self._cache[decoded_positions] = step_flops(
-                self.config, self.batch_size, self.seq_len, decoded_positions=decoded_positions
+    def __call__(self, crops: int, decoded_positions: int) -> int:
+        key = (crops, decoded_positions)
+        if key not in self._cache:
+            self._cache[key] = step_flops(
+                self.config, crops, self.seq_len, decoded_positions=decoded_positions
             ).total
-        return self._cache[decoded_positions]
-
-
-class MicroBatches:
-    """Exactly ``size`` crops at a time from a worker's stream shard, skipping crops a checkpoint
-    records as trained on, and recording the positions it hands out."""
-
-    def __init__(self, batches: Iterator[dict[str, np.ndarray]], size: int, skip: DataPosition):
-        self._batches = batches
-        self.size = size
-        self.skip = skip
-        self._pending: collections.deque[dict[str, np.ndarray]] = collections.deque()
-        self._pending_rows = 0
-        self._consumed: list[np.ndarray] = []
-        self.skipped = 0
-
-    def next(self) -> dict[str, np.ndarray]:
-        while self._pending_rows < self.size:
-            batch = next(self._batches, None)
-            if batch is None:
-                raise EOFError(
-                    "the training stream ended before the last step: make it longer "
-                    "(data.mixture.stopping_strategy: cycle with max_crops) or train fewer steps"
-                )
-            keep = ~self.skip.seen(batch["position"])
-            if not keep.all():
-                self.skipped += int((~keep).sum())
-                batch = {k: v[keep] for k, v in batch.items()}
-            if len(batch["position"]):
-                self._pending.append(batch)
-                self._pending_rows += len(batch["position"])
-        rows = take_rows(self._pending, self.size)
-        self._pending_rows -= self.size
-        self._consumed.append(rows["position"])
-        return rows
-
-    def drain_consumed(self) -> np.ndarray:
-        """Positions handed out since the last call."""
-        out = np.concatenate(self._consumed) if self._consumed else np.zeros(0, dtype=np.int64)
-        self._consumed = []
-        return out
+        return self._cache[key]
 
 
 def load_rows(shard: Any, limit: int, batch_size: int) -> list[dict[str, np.ndarray]]:

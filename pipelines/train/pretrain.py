@@ -8,9 +8,9 @@ model, the MLflow run), trains through the training core (``pipelines.train.laun
 registers the final checkpoint's model with its lineage and validation metrics.
 
 Resuming needs nothing but the same ``run.name`` and ``run.storage_path``: Ray Train restores the
-latest checkpoint, the stream factory restarts the data at its position, the MLflow run of that
-name is reopened, and the data index saved beside the checkpoints is reused (so the stream is the
-same even if files were added since).
+latest checkpoint, the stream restarts at the crop its step ends on (``pipelines.train.mlm``), the
+MLflow run of that name is reopened, and the data index saved beside the checkpoints is reused
+(so the stream is the same even if files were added since).
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from typing import Any
 
 import ray.data
 import ray.train
-from ray.data import ExecutionOptions, ExecutionResources
+from ray.data import ExecutionOptions
 
 from perceiver_core.config import PerceiverConfig
 from perceiver_core.hf import config_from_hf
 from pipelines.config import config_hash
 from pipelines.data.config import PretrainDataConfig
 from pipelines.data.index import DataIndex, build_index
-from pipelines.data.pretrain import block_bytes, plan_stream, pretraining_dataset, row_bytes
+from pipelines.data.pretrain import plan_stream, pretraining_dataset
 from pipelines.data.sources import files_digest
 from pipelines.tracking import registry, runs
 from pipelines.tracking.models import resolve_model
@@ -39,10 +39,9 @@ from pipelines.train import export, storage
 from pipelines.train.checkpoint import HF_DIR, checkpoint_key
 from pipelines.train.config import HASH_EXCLUDE, PretrainConfig
 from pipelines.train.core import Schedule, StartingWeights, WorkerJob
-from pipelines.train.launch import fit, open_run, quiet
+from pipelines.train.launch import fit, open_run
 from pipelines.train.metrics import section
 from pipelines.train.mlm import MaskedLMSpec
-from pipelines.train.position import ResumePointer
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +72,7 @@ def run_pretraining(
     run_dir = f"{storage.resolve(cfg.run.storage_path, workdir)}/{cfg.run.name}"
     index = load_or_build_index(cfg.data, run_dir)
     eval_crops = check_data(cfg, index)
+    validation = pretraining_dataset(cfg.data, index, split="validation")
     digest = config_hash(cfg, exclude=HASH_EXCLUDE)
     target = runs.resolve_tracking(cfg.tracking.tracking_uri, workdir)
     model_config, start, parent = resolve_start(cfg, target.tracking_uri)
@@ -107,10 +107,13 @@ def run_pretraining(
         seed=cfg.run.seed,
         task=MaskedLMSpec(
             model_config=model_config,
-            crop_len=cfg.data.packing.crop_len,
+            data=cfg.data,
+            index=index,
+            stream_crops=t.steps * t.crops_per_step,
             eval_crops=eval_crops,
             eval_batch_size=cfg.eval.batch_size,
             prefetch_batches=t.prefetch_batches,
+            buffer_mb=t.data_buffer_mb,
             start=start,
         ),
         engine=t,
@@ -134,8 +137,12 @@ def run_pretraining(
     try:
         result = fit(
             job,
-            datasets=datasets(cfg, index, run_dir, eval_crops),
-            dataset_config=dataset_config(cfg),
+            # The first eval_crops crops of the held-out split: the same at every validation,
+            # read whole by every worker. The training stream is the task's own (CropFeed).
+            datasets={"validation": validation.limit(eval_crops)},
+            dataset_config=ray.train.DataConfig(
+                datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
+            ),
             keep=cfg.checkpoint.keep,
             max_failures=cfg.run.max_failures,
         )
@@ -238,79 +245,3 @@ def check_data(cfg: PretrainConfig, index: DataIndex) -> int:
             "validation uses all %d held-out crops (eval.crops=%d)", held_out, cfg.eval.crops
         )
     return min(held_out, cfg.eval.crops)
-
-
-def datasets(
-    cfg: PretrainConfig, index: DataIndex, run_dir: str, eval_crops: int
-) -> dict[str, Any]:
-    t = cfg.train
-    return {
-        "train": TrainStreamFactory(
-            cfg.data,
-            index,
-            ResumePointer(run_dir),
-            needed=t.steps * t.crops_per_step,
-            slack=stream_slack(cfg.data, cfg.checkpoint.every * t.crops_per_step, t.num_workers),
-        ),
-        # The first eval_crops crops of the held-out split: the same crops at every validation.
-        "validation": pretraining_dataset(cfg.data, index, split="validation").limit(eval_crops),
-    }
-
-
-def dataset_config(cfg: PretrainConfig) -> Any:
-    """Only the training stream is split; every worker reads the same validation crops and
-    evaluates its share. Order is kept so that the stream is the same on every run."""
-    limits = ExecutionResources(object_store_memory=cfg.train.data_buffer_mb * 2**20)
-    return ray.train.DataConfig(
-        datasets_to_split=["train"],
-        execution_options={
-            "train": ExecutionOptions(preserve_order=True, resource_limits=limits),
-            "validation": ExecutionOptions(preserve_order=True),
-        },
-    )
-
-
-class TrainStreamFactory:
-    """Builds the training stream from the resume pointer's position (``pipelines.train.position``).
-
-    Called by Ray Train in its controller each time it starts a worker group; must be picklable.
-
-    The stream is cut at ``needed + slack`` crops from its start: what the whole run trains on,
-    plus room for the crops a resumed run reads and drops (at most one checkpoint interval, and
-    the blocks some worker took ahead of the others) and for the blocks the workers still hold
-    when training ends. A stream that ends lets Ray Data's executor finish; one that goes on
-    past the run keeps it polling at full speed (about one core) while it waits for the workers.
-    """
-
-    def __init__(
-        self,
-        data: PretrainDataConfig,
-        index: DataIndex,
-        pointer: ResumePointer,
-        needed: int,
-        slack: int,
-    ) -> None:
-        self.data = data
-        self.index = index
-        self.pointer = pointer
-        self.needed = needed
-        self.slack = slack
-
-    def __call__(self) -> ray.data.Dataset:
-        start = self.pointer.read()
-        if start:
-            log.info("training stream starts at crop %d (resume)", start)
-        ds = pretraining_dataset(self.data, self.index, split="train", start=start)
-        return quiet(ds.limit(max(0, self.needed - start) + self.slack))
-
-
-def stream_slack(data: PretrainDataConfig, crops_per_checkpoint: int, world_size: int) -> int:
-    """Crops beyond the run's need that its stream keeps (see ``TrainStreamFactory``).
-
-    Generous on purpose: ``streaming_split`` gives every worker the same number of rows, and the
-    rows a resumed worker drops need not be spread evenly, so each worker's share of the slack
-    covers a whole checkpoint interval; a too-short stream would end the run with an error, an
-    over-long one only costs the production of its tail.
-    """
-    rows_per_block = block_bytes(data) // row_bytes(data) + 1
-    return world_size * (crops_per_checkpoint + 4 * rows_per_block)
