@@ -54,5 +54,6 @@ def ray_session():
 
 
 # Fixtures of the training and tracking tests (tests/fixtures_train.py): a real MLflow server,
-# the tiny config's data index, tiny pretraining configs.
-pytest_plugins = ["fixtures_train"]
+# the tiny config's data index, tiny pretraining configs; and an S3-compatible server with the
+# sample data in a bucket (tests/fixtures_s3.py).
+pytest_plugins = ["fixtures_train", "fixtures_s3"]

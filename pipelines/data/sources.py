@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
 import posixpath
 from collections.abc import Iterable
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import fsspec
+import pyarrow.fs
+from fsspec.implementations.arrow import ArrowFSWrapper
 
 Format = Literal["auto", "parquet", "json", "text"]
 
@@ -153,7 +156,8 @@ def resolve_root(path: str, data_dir: str | None) -> str:
     if repo is None or data_dir is None:
         return path.rstrip("/") if not _has_glob(path) else path
     rest = path[len(HUB_PREFIX) :].split("/", 2)[2:]  # anything below the repository root
-    return posixpath.join(os.path.abspath(data_dir), repo.split("/")[1], *rest).rstrip("/")
+    base = data_dir.rstrip("/") if "://" in data_dir else os.path.abspath(data_dir)
+    return posixpath.join(base, repo.split("/")[1], *rest).rstrip("/")
 
 
 def patterns_for(source_path: str, config: str | None, split: str, files: str | None) -> list[str]:
@@ -281,15 +285,15 @@ def _url(root: str, path: str) -> str:
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """An fsspec filesystem for a URL and the path inside it.
 
-    ``hf://`` is ``huggingface_hub.HfFileSystem`` (token from ``HF_TOKEN``); ``s3://`` is s3fs when
-    installed, else pyarrow's own S3 client behind fsspec's wrapper (credentials and region from the
-    usual AWS variables); anything else is fsspec's own resolution (local paths).
+    ``hf://`` is ``huggingface_hub.HfFileSystem`` (token from ``HF_TOKEN``); ``s3://`` is pyarrow's
+    S3 client behind fsspec's wrapper (credentials, region and ``AWS_ENDPOINT_URL`` from the usual
+    AWS variables); anything else is fsspec's own resolution (local paths).
     """
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     fs = _filesystem_for_protocol(protocol)
     if "://" not in url:
         return fs, os.path.abspath(url)
-    if type(fs).__name__ == "ArrowFSWrapper":  # pyarrow paths are "bucket/key", no protocol
+    if protocol == "s3":  # pyarrow paths are "bucket/key", no protocol
         return fs, url.split("://", 1)[1]
     return fs, fs._strip_protocol(url)  # the filesystem's own canonical form of the path
 
@@ -299,17 +303,27 @@ def _filesystem_for_protocol(protocol: str) -> fsspec.AbstractFileSystem:
     # One instance per process and protocol: Ray workers reuse it across tasks, which keeps the
     # Hub's and S3's connection pools and directory caches warm.
     if protocol == "s3":
-        try:
-            return fsspec.filesystem("s3")
-        except ImportError:
-            import pyarrow.fs as pafs
-            from fsspec.implementations.arrow import ArrowFSWrapper
-
-            return ArrowFSWrapper(pafs.S3FileSystem())
+        return ArrowFSWrapper(s3_filesystem())
     return fsspec.filesystem(protocol)
+
+
+def s3_filesystem() -> pyarrow.fs.S3FileSystem:
+    """pyarrow's S3 client, pointed at ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` when set (an
+    S3-compatible server). The constructor ignores those variables, unlike the AWS SDKs, and would
+    ask the public S3 host; ``FileSystem.from_uri`` needs a bucket in the URI."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return pyarrow.fs.S3FileSystem(endpoint_override=endpoint or None)
+
+
+# Object-store reads go through a read-ahead buffer this large: without it the gzip and JSON
+# readers' small reads each become a ranged GET (about 39,000 for a 0.9 MB C4 shard, against
+# one with the buffer), which costs far more in latency than the memory.
+REMOTE_READ_AHEAD = 8 << 20
 
 
 def open_binary(url: str) -> Any:
     """A binary, seekable file object for a URL (the caller closes it)."""
     fs, path = filesystem(url)
+    if isinstance(fs, ArrowFSWrapper):
+        return io.BufferedReader(fs.fs.open_input_file(path), buffer_size=REMOTE_READ_AHEAD)
     return fs.open(path, "rb")
