@@ -1,1 +1,31 @@
-"""Entry points for ``ray job submit``: each parses a run config and calls one pipeline function."""
+"""Entry points for ``ray job submit``: each parses a run config and calls one pipeline function.
+
+A job run without ``RAY_ADDRESS`` starts a private Ray (``start_ray``) whose services listen on
+127.0.0.1 only: Ray's own switch for that (meant for laptops) is read when Ray is imported, so it
+is set here, before any job module imports Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+if not os.environ.get("RAY_ADDRESS"):
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def start_ray(**options: Any) -> None:
+    """Join the cluster ``RAY_ADDRESS`` names (``ray job submit`` sets it for its entry point);
+    else start a private Ray in this process: on 127.0.0.1, no dashboard, and never attached to
+    another cluster on the machine (a bare ``ray.init()`` joins whichever cluster ``/tmp/ray``
+    last recorded). ``RAY_ADDRESS=auto`` joins that one on purpose."""
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **options)
+    else:
+        ray.init(address="local", include_dashboard=False, **options)

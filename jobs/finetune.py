@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 
+from jobs import start_ray
 from pipelines.config import ConfigError, add_config_arguments, config_from_args
 from pipelines.data.readers import DataError
 from pipelines.train.finetune_config import FinetuneConfig
@@ -35,13 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
-    import ray
-
     from pipelines.tracking.models import ModelSourceError
     from pipelines.workflow import PipelineError
 
-    ray.init()
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    start_ray()
     try:
         result = run_finetune(cfg)
     except (ModelSourceError, DataError, FileNotFoundError) as error:

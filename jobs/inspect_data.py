@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from jobs import start_ray
 from pipelines.config import ConfigError, add_config_arguments, apply_overrides, from_dict
 from pipelines.data.config import PretrainDataConfig
 from pipelines.data.inspect import inspect_report
@@ -54,11 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_files:
         cfg.sources = [dataclasses.replace(s, max_files=args.max_files) for s in cfg.sources]
 
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    start_ray(logging_level=logging.WARNING)
     report = inspect_report(
         cfg, split=args.split, start=args.start, show=args.crops, sample=args.sample
     )

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jobs import start_ray
 from pipelines.config import ConfigError, add_config_arguments, load_config
 from pipelines.workflow import PipelineConfig, PipelineError, PipelineResult, run_pipeline
 from pipelines.workflow.plan import plan_pipeline
@@ -34,10 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, data_dir = loaded
     logging.getLogger("pipelines").info("data: %s", data_dir or "the Hugging Face Hub")
 
-    import ray
-
-    ray.init()
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    start_ray()
     return run_and_report(cfg)
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 
+from jobs import start_ray
 from pipelines.config import ConfigError, add_config_arguments, config_from_args
 from pipelines.data.readers import DataError
 from pipelines.tracking.models import ModelSourceError
@@ -36,12 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
-    import ray
-
-    ray.init()  # RAY_ADDRESS when set (ray job submit), else a local in-process cluster
-    # The training loop prints step, rate and ETA; Ray Data's per-operator bars, redrawn from every
-    # worker into one log, would bury them.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # Ray Data's per-operator bars stay off (start_ray): redrawn from every worker into one log,
+    # they would bury the training loop's step, rate and ETA.
+    start_ray()
     try:
         result = run_pretraining(cfg)
     except (CheckpointError, DataError, ModelSourceError) as error:

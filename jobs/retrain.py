@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from jobs import start_ray
 from jobs.pipeline import pipeline_from_args, run_and_report
 
 
@@ -33,10 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    import ray
-
-    ray.init()
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    start_ray()
     if cfg.pipeline.run_name == "auto":
         cfg.pipeline.run_name = retrain_run_name(cfg)  # indexes the data (on Ray)
     logging.getLogger("pipelines").info("retraining run %s", cfg.pipeline.run_name)

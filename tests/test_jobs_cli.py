@@ -68,3 +68,29 @@ def test_retraining_without_a_champion_stops_before_training(tmp_path: Path) -> 
     assert result.returncode == 2, result.stderr
     assert "models:/perceiver-mlm@champion does not exist" in result.stderr
     assert elapsed < 60
+
+
+def test_without_ray_address_a_job_starts_a_private_ray_on_loopback(tmp_path: Path) -> None:
+    # What every job's start_ray does: a new Ray (never one /tmp/ray names) on 127.0.0.1 only.
+    import os
+
+    script = (
+        "from jobs import start_ray\n"
+        "start_ray()\n"
+        "import ray, psutil\n"
+        "ctx = ray.get_runtime_context()\n"
+        "port = int(ctx.gcs_address.rsplit(':', 1)[1])\n"
+        "hosts = {c.laddr.ip for c in psutil.net_connections('tcp')\n"
+        "         if c.status == 'LISTEN' and c.laddr.port == port}\n"
+        "print('RESULT', ctx.gcs_address, sorted(hosts))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT"))
+    _, address, hosts = line.split(" ", 2)
+    assert address.startswith("127.0.0.1:")
+    assert hosts in ("['127.0.0.1']", "['::ffff:127.0.0.1']"), hosts
