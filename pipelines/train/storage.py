@@ -1,7 +1,7 @@
 """Run storage: a local folder or an object-store URI (``s3://bucket/prefix``).
 
-Everything a run keeps beside Ray Train's checkpoints (the data index, the resume pointer, the
-best weights and their pointer) is read and written here, through pyarrow's filesystems, so local
+Everything a run keeps beside Ray Train's checkpoints (the data index, the best weights and
+their pointer) is read and written here, through pyarrow's filesystems, so local
 disks and object stores share one code path. ``FileSystem.from_uri`` is used rather than the
 S3FileSystem constructor because it honours ``AWS_ENDPOINT_URL`` (an S3-compatible server).
 """
@@ -64,5 +64,6 @@ def local_copy(location: str, scratch: Path) -> Path:
         return Path(location)
     fs, path = _fs(location)
     local = scratch / path.rstrip("/").rsplit("/", 1)[-1]
+    local.mkdir(parents=True, exist_ok=True)  # pyarrow creates no local folders
     pyarrow.fs.copy_files(path, str(local), fs, pyarrow.fs.LocalFileSystem())
     return local
