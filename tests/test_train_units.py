@@ -56,7 +56,7 @@ def test_shipped_configs_load() -> None:
         ("data.packing.crop_len=4096", "data.packing.crop_len (4096) exceeds the model's"),
         ("checkpoint.export_at=[600000]", "checkpoint.export_at: steps [600000] are after"),
         ("train.optimiser.lr=1", "train.optimiser: unknown key; expected one of"),
-        ("debug.pause_at_step=3", "debug: marker_dir must be set with pause_at_step"),
+        ("debug.pause_after_steps=3", "debug: marker_dir must be set with pause_after_steps"),
         ("train.num_workers=[4,2]", "train: num_workers must be a positive number or [min, max]"),
         (
             "train.num_workers=[4,8]",

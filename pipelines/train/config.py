@@ -91,6 +91,9 @@ class EngineSection:
         stays the same (gradient accumulation makes up for fewer workers), so it must split
         evenly for every size in the range; ZeRO 1-3 checkpoints cannot change size (stage 0).
     elastic_resize_s: how often an elastic group checks whether it can grow.
+    worker_resources: custom Ray resources each worker needs besides its CPUs (and GPU), to put
+        workers on the nodes that offer them: ``{"trainer": 1}`` with nodes started with
+        ``--resources '{"trainer": 1}'`` places one worker per such node.
     strategy: ``deepspeed`` (ZeRO ``zero_stage`` 0-3) or ``ddp`` (torch DistributedDataParallel
         through Ray Train; zero_stage must be 0).
     zero_stage: DeepSpeed ZeRO stage (0: plain data parallel; 1-3 shard optimizer state, then
@@ -106,6 +109,7 @@ class EngineSection:
     elastic_resize_s: float = 60.0
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    worker_resources: dict[str, float] = field(default_factory=dict)
     strategy: Literal["deepspeed", "ddp"] = "deepspeed"
     zero_stage: int = 0
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -135,6 +139,12 @@ class EngineSection:
             raise ValueError("zero_stage must be 0 with strategy ddp (ZeRO is DeepSpeed's)")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
+        for name, amount in self.worker_resources.items():
+            if name in ("CPU", "GPU") or not amount > 0:
+                raise ValueError(
+                    f"worker_resources.{name}: give a positive amount of a custom resource "
+                    "(CPUs and GPUs are cpus_per_worker and use_gpu)"
+                )
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
         if self.peak_flops_per_worker <= 0:
@@ -255,20 +265,22 @@ class CheckpointSection:
 
 @dataclass
 class DebugSection:
-    """Fault injection and records for the failure tests (never set in real runs). At
-    ``pause_at_step`` every worker writes its PID to ``marker_dir/rank<r>.pid`` (once per run: not
-    again after a restart) and sleeps ``pause_s``, giving a test the time to kill it.
+    """Fault injection and records for the failure tests (never set in real runs).
+    ``pause_after_steps`` steps after its worker group started (or restored a checkpoint), every
+    worker writes its PID to ``marker_dir/rank<r>-of-<world size>.pid`` and sleeps ``pause_s``,
+    giving a test the time to kill something; once per rank and group size, so a group of a size
+    that paused before goes on, and one of a new size (an elastic group shrunk) pauses too.
     ``samples_dir``: masked-LM workers append the stream positions and sample ids of every
     micro-batch they train on there (JSON lines), to compare runs crop by crop."""
 
-    pause_at_step: int | None = None
+    pause_after_steps: int | None = None
     pause_s: float = 60.0
     marker_dir: str | None = None
     samples_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.pause_at_step is not None and not self.marker_dir:
-            raise ValueError("marker_dir must be set with pause_at_step")
+        if self.pause_after_steps is not None and not self.marker_dir:
+            raise ValueError("marker_dir must be set with pause_after_steps")
 
 
 @dataclass
@@ -298,5 +310,15 @@ class PretrainConfig:
             )
 
 
+# Where workers run, not what they train: left out of every config hash.
+PLACEMENT_KEYS = ("cpus_per_worker", "worker_resources", "elastic_resize_s")
+
 # Keys that do not change what is trained: left out of the config hash used for lineage.
-HASH_EXCLUDE = ("run.name", "run.storage_path", "tracking", "debug", "run.max_failures")
+HASH_EXCLUDE = (
+    "run.name",
+    "run.storage_path",
+    "tracking",
+    "debug",
+    "run.max_failures",
+    *(f"train.{k}" for k in PLACEMENT_KEYS),
+)

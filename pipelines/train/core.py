@@ -207,7 +207,7 @@ class Trainer:
                 state.config_hash,
                 job.config_hash,
             )
-        self.step = state.step if state else 0
+        self.step = self.start_step = state.step if state else 0
         self.progress = Progress(**state.progress) if state else Progress()
         self.task.load_state_dict(state.task if state else {})
         self.sink: MetricsSink = build_sink(rank, self._make_sink)
@@ -396,10 +396,12 @@ class Trainer:
 
     def _maybe_pause(self) -> None:
         debug = self.job.debug
-        if debug.pause_at_step != self.step or debug.marker_dir is None:
+        if debug.pause_after_steps is None or debug.marker_dir is None:
             return
-        marker = Path(debug.marker_dir) / f"rank{self.rank}.pid"
-        if marker.exists():  # once per run: a restarted worker passes this step normally
+        if self.step != self.start_step + debug.pause_after_steps:
+            return
+        marker = Path(debug.marker_dir) / f"rank{self.rank}-of-{self.world_size}.pid"
+        if marker.exists():  # once per group size: a group of that size started again passes
             return
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(str(os.getpid()))

@@ -26,7 +26,7 @@ from typing import Literal
 
 from pipelines.data.finetune import FinetuneDataConfig
 from pipelines.tracking.config import TrackingConfig
-from pipelines.train.config import EngineSection, RunSection
+from pipelines.train.config import PLACEMENT_KEYS, EngineSection, RunSection
 from pipelines.train.optim import OptimizerConfig
 
 
@@ -196,4 +196,10 @@ class FinetuneConfig:
         return self.register.name or "perceiver-" + self.data.task.removeprefix("glue/")
 
 
-HASH_EXCLUDE = ("run.name", "run.storage_path", "tracking", "run.max_failures")
+HASH_EXCLUDE = (
+    "run.name",
+    "run.storage_path",
+    "tracking",
+    "run.max_failures",
+    *(f"train.{k}" for k in PLACEMENT_KEYS),
+)

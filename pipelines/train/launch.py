@@ -106,7 +106,11 @@ def fit(
             num_workers=e.workers if e.elastic else e.workers[0],
             elastic_resize_monitor_interval_s=e.elastic_resize_s,
             use_gpu=e.use_gpu,
-            resources_per_worker={"CPU": e.cpus_per_worker, **({"GPU": 1} if e.use_gpu else {})},
+            resources_per_worker={
+                "CPU": e.cpus_per_worker,
+                **({"GPU": 1} if e.use_gpu else {}),
+                **e.worker_resources,
+            },
         ),
         run_config=ray.train.RunConfig(
             name=name,

@@ -79,7 +79,7 @@ class MaskedLM:
         self.feed: Any = None
         self.next_ref: tuple[tuple[int, int], Any] | None = None
         self.flops = _FlopsCounter(spec.model_config, spec.data.packing.crop_len)
-        self.samples = _SampleLog(job.debug.samples_dir, rank)
+        self.samples = _SampleLog(job.debug.samples_dir, rank, world_size)
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return 0  # a stream has no epochs
@@ -138,6 +138,7 @@ class MaskedLM:
             ray.get(feed.__ray_ready__.remote())
         if self.world_size > 1:
             torch.distributed.broadcast_object_list(names, src=0)
+        self.samples.attempt = names[0]
         return feed if feed is not None else ray.get_actor(names[0])
 
     @torch.no_grad()
@@ -247,10 +248,13 @@ class StreamWindow:
 
 class _SampleLog:
     """With ``debug.samples_dir``: each rank appends the stream positions and sample ids of every
-    micro-batch it trains on (JSON lines), for the tests that compare runs crop by crop."""
+    micro-batch it trains on (JSON lines), for the tests that compare runs crop by crop. Records
+    of one worker group share its ``attempt`` (its feed's name)."""
 
-    def __init__(self, folder: str | None, rank: int) -> None:
+    def __init__(self, folder: str | None, rank: int, world_size: int) -> None:
         self.path = Path(folder) / f"rank{rank}-{os.getpid()}.jsonl" if folder else None
+        self.world_size = world_size
+        self.attempt = ""
 
     def write(self, step: int, micro: int, rows: dict[str, np.ndarray]) -> None:
         if self.path is None:
@@ -259,6 +263,8 @@ class _SampleLog:
         record = {
             "step": step,
             "micro": micro,
+            "world_size": self.world_size,
+            "attempt": self.attempt,
             "time": time.time(),
             "positions": rows["position"].tolist(),
             "sample_ids": [int(x) for x in rows["sample_id"]],
