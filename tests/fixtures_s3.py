@@ -110,10 +110,12 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     pytest.importorskip("moto.server", reason="the S3-compatible test server needs moto[server]")
     port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
     server = S3Server(tmp_path_factory.mktemp("s3-server"), port)
-    server.start()
-    server.filesystem().create_dir(BUCKET)
-    yield server
-    server.stop()
+    try:
+        server.start()
+        server.filesystem().create_dir(BUCKET)
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -58,12 +58,14 @@ def run_single_process_script(script: str, *args: str) -> Any:
 
 
 class MlflowServer:
-    """``mlflow server`` with an SQLite backend and a local artifact folder, on a fixed port so
-    that it can be stopped and started again at the same address."""
+    """``mlflow server`` with an SQLite backend, on a fixed port so that it can be stopped and
+    started again at the same address. Artifacts go to ``artifacts`` (a local folder by default,
+    or an ``s3://`` URL), proxied by the server: clients never talk to the store themselves."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, artifacts: str | None = None) -> None:
         self.root = root
         self.port = port or free_port()
+        self.artifacts = artifacts or str(root / "artifacts")
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -80,7 +82,7 @@ class MlflowServer:
             "--backend-store-uri",
             f"sqlite:///{self.root / 'mlflow.db'}",
             "--artifacts-destination",
-            str(self.root / "artifacts"),
+            self.artifacts,
             "--host",
             "127.0.0.1",
             "--port",
@@ -122,6 +124,8 @@ class MlflowServer:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):  # helpers (job consumers) that outlived it
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.process = None
         # The port must be free before a restart can bind it again.
         deadline = time.monotonic() + 20
@@ -130,11 +134,19 @@ class MlflowServer:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    server.start()
-    yield server
-    server.stop()
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory, s3_server) -> Iterator[MlflowServer]:
+    """The tracking server of the tests, its artifacts (every registered model) in a bucket on the
+    S3-compatible server."""
+    from fixtures_s3 import BUCKET
+
+    server = MlflowServer(
+        tmp_path_factory.mktemp("mlflow-server"), artifacts=f"s3://{BUCKET}/mlflow"
+    )
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -152,15 +164,16 @@ def tiny_data_index(ray_session, shared_data: Path, tmp_path_factory: pytest.Tem
 
 
 def tiny_config(
-    shared_data: Path,
-    storage: Path,
+    shared_data: Path | str,
+    storage: Path | str,
     tracking_uri: str,
     name: str,
     overrides: Sequence[str] = (),
     index: Path | None = None,
 ):
-    """The shipped tiny config, pointed at test folders, a test server and a run name; with the
-    session's prebuilt data index copied into the run folder (what a resumed run would reuse)."""
+    """The shipped tiny config, pointed at test data and storage (folders or ``s3://`` URLs), a
+    test server and a run name; with the session's prebuilt data index copied into a local run
+    folder (what a resumed run would reuse)."""
     from pipelines.config import load_config
     from pipelines.train.config import PretrainConfig
 
@@ -174,7 +187,7 @@ def tiny_config(
     ]
     cfg = load_config(PretrainConfig, TINY_CONFIG, [*base, *overrides])
     if index is not None:
-        run_dir = storage / name
+        run_dir = Path(storage) / name
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "data_index.json").write_text(index.read_text())
     return cfg

@@ -1,5 +1,8 @@
-"""Pretraining end to end: real Ray Train with 2 workers, real DeepSpeed on CPU (ZeRO-2 and
-ZeRO-3), the shared sample data, and a real MLflow server; then the registered model."""
+"""Pretraining end to end: real Ray Train with 2 workers, real DeepSpeed ZeRO-3 on CPU (the stage
+that shards weights as well; ZeRO 0-2 are trained by tests/test_train_engine.py, ZeRO 0 on two
+nodes by tests/test_cluster.py), its documents, run storage and checkpoints in a bucket on an
+S3-compatible server, and a real MLflow server whose artifacts are there too; then the
+registered model."""
 
 from __future__ import annotations
 
@@ -20,12 +23,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 STEPS = 60
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
-def trained(request, ray_session, shared_data, mlflow_server, tiny_data_index, tmp_path_factory):
-    stage = request.param
-    storage = tmp_path_factory.mktemp(f"runs-zero{stage}")
+@pytest.fixture(scope="module")
+def trained(ray_session, s3_data, mlflow_server, tmp_path_factory):
+    """(ZeRO stage, config, result, a local copy of the final checkpoint)."""
+    from fixtures_s3 import BUCKET
+
+    from pipelines.train import storage as run_storage
+
+    stage, storage = 3, f"s3://{BUCKET}/runs"
     cfg = tiny_config(
-        shared_data,
+        s3_data,
         storage,
         mlflow_server.uri,
         f"tiny-zero{stage}",
@@ -36,15 +43,17 @@ def trained(request, ray_session, shared_data, mlflow_server, tiny_data_index, t
             "eval.every=20",
             "checkpoint.every=30",
         ],
-        index=tiny_data_index,
     )
-    return stage, cfg, run_pretraining(cfg)
+    result = run_pretraining(cfg)
+    assert result.checkpoint_path.startswith(f"{storage}/tiny-zero{stage}/")
+    scratch = tmp_path_factory.mktemp("checkpoint")
+    return stage, cfg, result, run_storage.local_copy(result.checkpoint_path, scratch)
 
 
 def test_validation_loss_falls(trained, mlflow_server) -> None:
     from mlflow import MlflowClient
 
-    _, _, result = trained
+    _, _, result, _ = trained
     client = MlflowClient(mlflow_server.uri)
     val = [(m.step, m.value) for m in client.get_metric_history(result.run_id, "val/loss")]
     assert [step for step, _ in sorted(val)] == [20, 40, 60]
@@ -69,8 +78,7 @@ def test_validation_loss_falls(trained, mlflow_server) -> None:
 def test_checkpoint_holds_every_rank_and_the_data_position(trained) -> None:
     import json
 
-    _, cfg, result = trained
-    folder = Path(result.checkpoint_path)
+    _, cfg, _, folder = trained
     state = json.loads((folder / "state.json").read_text())
     assert state["step"] == STEPS and state["format_version"] == 2
     # The data position is a number: the crops of every step so far.
@@ -93,11 +101,11 @@ def test_registered_model_gives_the_trained_logits(trained, mlflow_server, tmp_p
     import mlflow
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    _, cfg, result = trained
+    _, cfg, result, folder = trained
     assert result.registered_model is not None
     # The trained weights, read from the DeepSpeed checkpoint by DeepSpeed's own converter.
     trained_state = get_fp32_state_dict_from_zero_checkpoint(
-        str(Path(result.checkpoint_path) / "engine"), tag=f"step_{STEPS:08d}"
+        str(folder / "engine"), tag=f"step_{STEPS:08d}"
     )
     reference = PerceiverForMaskedLM(cfg.model.perceiver_config()).eval()
     reference.load_state_dict(trained_state)
