@@ -3,7 +3,7 @@ PYTHON ?= python3
 # The CPU build of torch, pinned: an unpinned torch pulls the newest CUDA build (gigabytes).
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint unit bench-model bench-tokenizer bench-data bench-train bench-finetune
+.PHONY: install demo test lint unit bench-model bench-tokenizer bench-data bench-train bench-finetune bench-s3
 
 install:
 	$(PYTHON) -m pip install --quiet $(TORCH)
@@ -40,3 +40,7 @@ bench-train:
 
 bench-finetune:
 	$(PYTHON) benchmarks/finetune_throughput.py
+
+# Reading documents from an S3-compatible server on 127.0.0.1 against local disk (needs moto[server]).
+bench-s3:
+	$(PYTHON) benchmarks/s3_reads.py
