@@ -14,9 +14,6 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import ray.train
-from ray.data import ExecutionOptions
-
 from perceiver_core.config import PerceiverConfig
 from perceiver_core.hf import config_from_hf
 from perceiver_core.masking import MaskingConfig
@@ -99,14 +96,11 @@ def train_classifier(
     )
     fit(
         job,
+        # Every worker reads every row, in file order (see pipelines.train.classify).
         datasets={
             "train": finetune_dataset(cfg.data, cfg.splits.train),
             "eval": finetune_dataset(cfg.data, cfg.splits.eval_split(cfg.data.task)),
         },
-        # Every worker reads every row, in file order (see pipelines.train.classify).
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
-        ),
         keep=2,
         max_failures=cfg.run.max_failures,
     )

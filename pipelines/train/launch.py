@@ -14,6 +14,7 @@ from typing import Any
 
 import ray.data
 import ray.train
+from ray.data import ExecutionOptions
 from ray.train.torch import TorchTrainer
 
 from pipelines.config import to_dict, to_yaml
@@ -87,18 +88,19 @@ def worker_env(tracking: TrackingConfig) -> dict[str, str]:
 def fit(
     job: WorkerJob,
     *,
-    datasets: Mapping[str, Any],
-    dataset_config: Any,
+    datasets: Mapping[str, ray.data.Dataset],
     keep: int,
     max_failures: int,
 ) -> Any:
-    """Run (or resume) the Ray Train run ``job.run_dir``; its ``Result``. A failure that a worker
-    raised for a reason the user can fix (a checkpoint, the data, the starting model) is re-raised
-    as that error."""
+    """Run (or resume) the Ray Train run ``job.run_dir``; its ``Result``. Every worker reads each
+    of ``datasets`` whole and in order (a task deals itself its share), without progress bars
+    (the training loop prints progress; bars redrawn by every executor would bury it). A failure
+    that a worker raised for a reason the user can fix (a checkpoint, the data, the starting
+    model) is re-raised as that error."""
     e = job.engine
     storage_path, _, name = job.run_dir.rpartition("/")
     for dataset in datasets.values():
-        quiet(dataset)
+        dataset.context.enable_progress_bars = False
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
@@ -120,7 +122,9 @@ def fit(
             worker_runtime_env={"env_vars": worker_env(job.tracking)},
         ),
         datasets=dict(datasets),
-        dataset_config=dataset_config,
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
+        ),
     )
     try:
         return trainer.fit()
@@ -129,14 +133,6 @@ def fit(
         if cause is not None:
             raise cause from error
         raise
-
-
-def quiet(dataset: Any) -> Any:
-    """No Ray Data progress bars for a training dataset: the training loop prints progress, and
-    bars redrawn by every executor would bury it."""
-    if isinstance(dataset, ray.data.Dataset):
-        dataset.context.enable_progress_bars = False
-    return dataset
 
 
 def worker_cause(error: BaseException) -> BaseException | None:

@@ -22,10 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray.data
-import ray.train
-from ray.data import ExecutionOptions
-
 from perceiver_core.config import PerceiverConfig
 from perceiver_core.hf import config_from_hf
 from pipelines.config import config_hash
@@ -140,9 +136,6 @@ def run_pretraining(
             # The first eval_crops crops of the held-out split: the same at every validation,
             # read whole by every worker. The training stream is the task's own (CropFeed).
             datasets={"validation": validation.limit(eval_crops)},
-            dataset_config=ray.train.DataConfig(
-                datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
-            ),
             keep=cfg.checkpoint.keep,
             max_failures=cfg.run.max_failures,
         )
