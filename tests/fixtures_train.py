@@ -57,6 +57,18 @@ def run_single_process_script(script: str, *args: str) -> Any:
     return json.loads(line[len("RESULT") :])
 
 
+def stop_group(process: subprocess.Popen, grace_s: float) -> None:
+    """Stop the process group ``process`` leads (started with ``start_new_session``): SIGTERM,
+    ``grace_s`` to exit, then SIGKILL for it and any helper that outlived it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+
+
 class MlflowServer:
     """``mlflow server`` with an SQLite backend, on a fixed port so that it can be stopped and
     started again at the same address. Artifacts go to ``artifacts`` (a local folder by default,
@@ -116,16 +128,7 @@ class MlflowServer:
     def stop(self) -> None:
         if self.process is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)  # the group this server leads
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):  # helpers (job consumers) that outlived it
-            os.killpg(self.process.pid, signal.SIGKILL)
+        stop_group(self.process, grace_s=5)
         self.process = None
         # The port must be free before a restart can bind it again.
         deadline = time.monotonic() + 20
