@@ -152,6 +152,24 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory, s3_server) -> Iterat
         server.stop()
 
 
+# The reviews of the IMDB sample that tests checking fine-tuning's plumbing (not its accuracy) train
+# and evaluate on: the first of each split (the sample's rows are shuffled).
+TRAIN_REVIEWS, TEST_REVIEWS = 1024, 512
+
+
+@pytest.fixture(scope="session")
+def small_imdb_dir(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with ``train.parquet`` and ``test.parquet``: the first ``TRAIN_REVIEWS`` and
+    ``TEST_REVIEWS`` rows of the sample's."""
+    import pyarrow.parquet as pq
+
+    folder = tmp_path_factory.mktemp("imdb-small")
+    for split, rows in (("train", TRAIN_REVIEWS), ("test", TEST_REVIEWS)):
+        table = pq.read_table(shared_data / "imdb" / f"{split}.parquet").slice(0, rows)
+        pq.write_table(table, folder / f"{split}.parquet")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_data_index(ray_session, shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
     """The tiny config's data index over ../shared/data, built once for all training tests."""

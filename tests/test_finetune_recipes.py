@@ -1,7 +1,8 @@
 """Fine-tuning recipes: MLM adaptation on the task's text -> a frozen-encoder stage -> full
 fine-tuning, each from the previous stage's best weights (under DDP); a learning-rate grid run as
-parallel trials (stages of the recipe's pipeline), keeping the best; early stopping. Short stages:
-these check the plumbing, not accuracy (tests/test_finetune.py checks that)."""
+parallel trials (stages of the recipe's pipeline), keeping the best; early stopping. Short stages
+on the first 1,024 training and 512 test reviews of the IMDB sample (``small_imdb_dir``): these check
+the plumbing, not accuracy (tests/test_finetune.py checks that on the whole sample)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures_train import TRAIN_REVIEWS
 from test_finetune import finetune_config
 
 from perceiver_core.hf import load_state_dict
@@ -16,12 +18,19 @@ from perceiver_core.hf import load_state_dict
 pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 
 
+@pytest.fixture(scope="module")
+def small_imdb(small_imdb_dir: Path) -> list[str]:
+    return [f"data.path={small_imdb_dir}", "data.files={split}.parquet"]
+
+
 def _encoder(folder: str) -> dict[str, torch.Tensor]:
     weights = load_state_dict(Path(folder))
     return {k: v for k, v in weights.items() if "decoder" not in k}
 
 
-def test_stages_chain_from_each_previous_best(pretrained, shared_data, mlflow_server, tmp_path):
+def test_stages_chain_from_each_previous_best(
+    pretrained, small_imdb, shared_data, mlflow_server, tmp_path
+):
     """Under ``train.strategy: ddp`` (torch DistributedDataParallel over Ray Train's gloo group,
     2 workers) for masked-LM adaptation and both classify stages; DeepSpeed runs the other
     fine-tuning tests."""
@@ -35,6 +44,7 @@ def test_stages_chain_from_each_previous_best(pretrained, shared_data, mlflow_se
         mlflow_server.uri,
         "recipe",
         f"init={pretrained}",
+        *small_imdb,
         "data.max_length=128",
         "register.enabled=false",
         "train.strategy=ddp",
@@ -49,7 +59,9 @@ def test_stages_chain_from_each_previous_best(pretrained, shared_data, mlflow_se
     result = run_finetune(cfg)
     adapt, probe, full = result.stages
     assert [s.kind for s in result.stages] == ["mlm", "classify", "classify"]
-    assert full.step == 5000 // 32  # one epoch of whole global batches: its only evaluation
+    assert (
+        full.step == TRAIN_REVIEWS // 32
+    )  # one epoch of whole global batches: its only evaluation
     assert result.registered is None
     client = MlflowClient(mlflow_server.uri)
     # Each stage's run records what it started from: the previous stage's weights.
@@ -74,7 +86,7 @@ def test_stages_chain_from_each_previous_best(pretrained, shared_data, mlflow_se
 
 
 def test_sweep_runs_the_grid_as_parallel_trials_and_keeps_the_best(
-    pretrained, shared_data, mlflow_server, tmp_path
+    pretrained, small_imdb, shared_data, mlflow_server, tmp_path
 ) -> None:
     from mlflow import MlflowClient
 
@@ -86,6 +98,7 @@ def test_sweep_runs_the_grid_as_parallel_trials_and_keeps_the_best(
         mlflow_server.uri,
         "sweep",
         f"init={pretrained}",
+        *small_imdb,
         "data.max_length=128",
         "register.enabled=false",
         "train.num_workers=1",
@@ -117,7 +130,7 @@ def test_sweep_runs_the_grid_as_parallel_trials_and_keeps_the_best(
 
 
 def test_early_stopping_keeps_the_best_evaluation(
-    pretrained, shared_data, mlflow_server, tmp_path
+    pretrained, small_imdb, shared_data, mlflow_server, tmp_path
 ) -> None:
     """With a learning rate too small to change anything, the score never improves after the first
     evaluation: patience 1 stops the stage after the second of three epochs, and its result is the
@@ -132,6 +145,7 @@ def test_early_stopping_keeps_the_best_evaluation(
         mlflow_server.uri,
         "patience",
         f"init={pretrained}",
+        *small_imdb,
         "data.max_length=64",
         "register.enabled=false",
         "stages.0.epochs=3",
@@ -142,7 +156,7 @@ def test_early_stopping_keeps_the_best_evaluation(
     )
     result = run_finetune(cfg)
     (stage,) = result.stages
-    per_epoch = 5000 // 64
+    per_epoch = TRAIN_REVIEWS // 64
     assert stage.step == per_epoch  # the best (first) evaluation's weights
     client = MlflowClient(mlflow_server.uri)
     evals = client.get_metric_history(stage.run_id, "val/accuracy")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fixtures_train import REPO
+from fixtures_train import REPO, TEST_REVIEWS
 from local_services import clean_env, exports, free_ports, run, script
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
@@ -24,14 +24,17 @@ TEXTS = [
     "A wonderful film: moving, funny and beautifully acted. I loved every minute of it.",
     "The worst movie I have seen in years. Dull, badly written and far too long.",
 ]
-# Shorter than the shipped tiny pipeline: this checks the plumbing (tests/test_finetune.py
-# checks accuracy).
-SHORTER = [
-    "--set",
-    "stages.0.params.overrides=[train.steps=60,eval.every=30,checkpoint.every=30]",
-    "--set",
-    "stages.1.params.overrides=[register.promote=false,stages.0.epochs=3]",
-]
+
+
+def shorter(imdb: Path, epochs: int) -> list[str]:
+    """Shorter than the shipped tiny pipeline, on fewer reviews: this checks the plumbing
+    (tests/test_finetune.py checks accuracy). The promote stage decides on promotion."""
+    data = f"data.path={imdb},'data.files={{split}}.parquet'"
+    return [
+        "--set", f"stages.1.params.overrides=[register.promote=false,stages.0.epochs={epochs},"
+        f"train.log_every=10,{data}]",
+        "--set", f"stages.2.params.max_rows={TEST_REVIEWS}",
+    ]  # fmt: skip
 
 
 @dataclass
@@ -163,12 +166,18 @@ class Submitted:
 
 
 @pytest.fixture(scope="module")
-def submitted(cluster: Cluster, shared_data: Path, tmp_path_factory) -> Submitted:
+def submitted(
+    cluster: Cluster, shared_data: Path, small_imdb_dir: Path, tmp_path_factory
+) -> Submitted:
     """The tiny pipeline submitted, stopped while fine-tuning, and submitted again."""
     from mlflow import MlflowClient
 
     storage = Path(tmp_path_factory.mktemp("pipeline-storage"))
-    submit(cluster, "pipeline-1", cluster.tracking_uri, storage, shared_data, extra=tuple(SHORTER))
+    extra = (
+        "--set", "stages.0.params.overrides=[train.steps=60,eval.every=30,checkpoint.every=30]",
+        *shorter(small_imdb_dir, epochs=3),
+    )  # fmt: skip
+    submit(cluster, "pipeline-1", cluster.tracking_uri, storage, shared_data, extra=extra)
     client = MlflowClient(cluster.tracking_uri)
     _wait_for_finetuning(client, cluster, "pipeline-1")
     job_client(cluster).stop_job("pipeline-1")
@@ -176,7 +185,7 @@ def submitted(cluster: Cluster, shared_data: Path, tmp_path_factory) -> Submitte
     pretrain = _stage_run(client, "pretrain")
     assert pretrain.info.status == "FINISHED"
 
-    submit(cluster, "pipeline-2", cluster.tracking_uri, storage, shared_data, extra=tuple(SHORTER))
+    submit(cluster, "pipeline-2", cluster.tracking_uri, storage, shared_data, extra=extra)
     status = wait(cluster, "pipeline-2")
     text = logs(cluster, "pipeline-2")
     assert status == "SUCCEEDED", text[-5000:]
@@ -244,16 +253,18 @@ def _wait_for_finetuning(client, cluster: Cluster, job_id: str, timeout_s: float
 
 
 def test_retraining_promotes_only_a_better_model_and_repeats_as_a_no_op(
-    submitted, cluster, shared_data
+    submitted, cluster, shared_data, small_imdb_dir
 ) -> None:
     from mlflow import MlflowClient
 
     storage = submitted.storage
     before = registry_state(cluster.tracking_uri)
-    submit(
-        cluster, "retrain-1", cluster.tracking_uri, Path(storage), shared_data,
-        module="jobs.retrain", config="jobs/configs/retrain_tiny.yaml",
-    )  # fmt: skip
+    retrain = {
+        "module": "jobs.retrain",
+        "config": "jobs/configs/retrain_tiny.yaml",
+        "extra": tuple(shorter(small_imdb_dir, epochs=1)),
+    }
+    submit(cluster, "retrain-1", cluster.tracking_uri, Path(storage), shared_data, **retrain)
     status = wait(cluster, "retrain-1")
     assert status == "SUCCEEDED", logs(cluster, "retrain-1")[-5000:]
     after = registry_state(cluster.tracking_uri)
@@ -273,10 +284,7 @@ def test_retraining_promotes_only_a_better_model_and_repeats_as_a_no_op(
     parent = client.get_model_version("perceiver-imdb", version).tags["lineage.parent"]
     assert parent.startswith("models:/perceiver-mlm/")
 
-    submit(
-        cluster, "retrain-2", cluster.tracking_uri, Path(storage), shared_data,
-        module="jobs.retrain", config="jobs/configs/retrain_tiny.yaml",
-    )  # fmt: skip
+    submit(cluster, "retrain-2", cluster.tracking_uri, Path(storage), shared_data, **retrain)
     status = wait(cluster, "retrain-2")
     text = logs(cluster, "retrain-2")
     assert status == "SUCCEEDED", text[-5000:]
