@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,21 +36,29 @@ def fast_http(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
 
-@pytest.fixture(scope="module")
-def restartable_server(tmp_path_factory: pytest.TempPathFactory):
-    server = MlflowServer(tmp_path_factory.mktemp("restartable"))
-    server.start()
-    yield server
-    server.stop()
+@pytest.fixture
+def restartable_server(mlflow_server: MlflowServer) -> Iterator[MlflowServer]:
+    """The session's tracking server, which a test may stop: it runs again afterwards, at the
+    same address, with everything it held."""
+    try:
+        yield mlflow_server
+    finally:
+        if not mlflow_server.healthy():
+            mlflow_server.stop()
+            mlflow_server.start()
 
 
 @pytest.mark.slow
 def test_outage_is_buffered_reported_and_delivered_once(
     restartable_server: MlflowServer, fast_http, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """One outage, two sinks: one holds everything logged meanwhile and delivers it once; the
+    other, with a buffer too small for the outage, drops its oldest steps and says which."""
+    from mlflow import MlflowClient
+
     caplog.set_level(logging.WARNING, logger="pipelines.tracking.sink")
     server = restartable_server
-    run_id = new_run(server.uri)
+    run_id, overflow_id = new_run(server.uri), new_run(server.uri, "overflow")
     sink = MlflowSink(run_id, server.uri, flush_interval_s=0.2, outage_report_s=1.0)
     for step in range(1, 11):
         sink.log(step, {"loss": 1.0 / step, "lr": 0.1})
@@ -60,40 +69,26 @@ def test_outage_is_buffered_reported_and_delivered_once(
     for step in range(11, 31):
         sink.log(step, {"loss": 1.0 / step, "lr": 0.1})
     assert time.perf_counter() - started < 0.5  # training never waits for the server
+    small = MlflowSink(overflow_id, server.uri, buffer_size=10, flush_interval_s=0.2)
+    for step in range(1, 26):
+        small.log(step, {"loss": float(step)})
+    assert small.dropped == 15
+    assert any(r.levelno == logging.ERROR and "dropped" in r.message for r in caplog.records)
     time.sleep(3)
     assert sink.pending() == 40  # 20 steps x 2 keys, held
     assert any("MLflow unreachable" in r.message for r in caplog.records)
     assert any("unreachable for" in r.message for r in caplog.records)  # the outage goes on
 
     server.start()
-    assert sink.flush(timeout_s=60)
+    assert sink.flush(timeout_s=60) and small.flush(timeout_s=60)
     sink.close()
+    small.close()
     assert any("reachable again" in r.message for r in caplog.records)
     assert history(server.uri, run_id) == [(s, 1.0 / s) for s in range(1, 31)]
     assert [s for s, _ in history(server.uri, run_id, "lr")] == list(range(1, 31))
     assert sink.dropped == 0
-
-
-@pytest.mark.slow
-def test_full_buffer_drops_the_oldest_and_says_so(
-    restartable_server: MlflowServer, fast_http, caplog: pytest.LogCaptureFixture
-) -> None:
-    from mlflow import MlflowClient
-
-    caplog.set_level(logging.WARNING, logger="pipelines.tracking.sink")
-    server = restartable_server
-    run_id = new_run(server.uri, "overflow")
-    server.stop()
-    sink = MlflowSink(run_id, server.uri, buffer_size=10, flush_interval_s=0.2)
-    for step in range(1, 26):
-        sink.log(step, {"loss": float(step)})
-    assert sink.dropped == 15
-    assert any(r.levelno == logging.ERROR and "dropped" in r.message for r in caplog.records)
-    server.start()
-    assert sink.flush(timeout_s=60)
-    sink.close()
-    assert [s for s, _ in history(server.uri, run_id)] == list(range(16, 26))
-    tags = MlflowClient(server.uri).get_run(run_id).data.tags
+    assert [s for s, _ in history(server.uri, overflow_id)] == list(range(16, 26))
+    tags = MlflowClient(server.uri).get_run(overflow_id).data.tags
     assert tags["metrics.dropped_values"] == "15"
     assert tags["metrics.dropped_steps"] == "1-15"
 
