@@ -1,6 +1,8 @@
 """Fine-tuning end to end: a tiny model pretrained here, fine-tuned on the IMDB sample by real Ray
-Train workers under DeepSpeed, registered in a real MLflow server, then fetched back every way a
-user can; a multi-stage recipe; a sweep; and the errors that must come before any training."""
+Train workers under DeepSpeed to clearly better than chance, registered in a real MLflow server
+with its lineage; a rerun that trains nothing; and the errors that must come before any training.
+(tests/test_model_serving.py fetches a registered classifier back every way a user can;
+tests/test_pipeline.py classifies with a fine-tuned champion.)"""
 
 from __future__ import annotations
 
@@ -16,11 +18,6 @@ from pipelines.train.finetune_config import FinetuneConfig
 pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 
 TINY_FINETUNE = REPO / "jobs" / "configs" / "finetune_imdb_tiny.yaml"
-TEXTS = [
-    "A wonderful film: moving, funny and beautifully acted. I loved every minute of it.",
-    "The worst movie I have seen in years. Dull, badly written and far too long.",
-    "An average thriller.",
-]
 
 
 def finetune_config(shared_data: Path, storage: Path, tracking_uri: str, name: str, *overrides):
@@ -51,14 +48,16 @@ def test_imdb_accuracy_is_clearly_above_chance(finetuned, mlflow_server) -> None
     from mlflow import MlflowClient
 
     _, result, elapsed = finetuned
-    print(f"IMDB sample: accuracy {result.score:.4f} on 2,000 test reviews in {elapsed:.0f} s")
-    # 2,000 balanced reviews: chance is 0.5 with a standard deviation of 0.011.
-    assert result.metric == "accuracy" and result.score >= 0.55
     client = MlflowClient(mlflow_server.uri)
     stage_run = client.get_run(result.stages[0].run_id)
+    history = client.get_metric_history(stage_run.info.run_id, "val/accuracy")
+    per_epoch = ", ".join(f"{m.value:.3f}" for m in sorted(history, key=lambda m: m.step))
+    print(f"IMDB sample: accuracy {result.score:.4f} on 2,000 test reviews in {elapsed:.0f} s")
+    print(f"by epoch: {per_epoch}")
+    # 2,000 balanced reviews: chance is 0.5 with a standard deviation of 0.011.
+    assert result.metric == "accuracy" and result.score >= 0.55
     assert stage_run.info.status == "FINISHED"
     assert stage_run.data.tags["mlflow.parentRunId"] == result.run_id
-    history = client.get_metric_history(stage_run.info.run_id, "val/accuracy")
     assert len(history) >= 2  # evaluated every epoch
     # The registered weights are the best evaluation's, which early stopping keeps.
     assert max(m.value for m in history) == pytest.approx(result.score)
@@ -92,16 +91,6 @@ def test_result_is_registered_with_lineage_signature_and_alias(
     info = get_model_info(version.source)
     assert info.signature is not None
     assert [c.name for c in info.signature.outputs.inputs] == ["label", "score"]
-
-
-def test_champion_gives_the_same_predictions_every_way(finetuned, mlflow_server, tmp_path) -> None:
-    from test_model_serving import assert_agree, predictions_four_ways
-
-    results = predictions_four_ways(
-        "models:/perceiver-imdb@champion", TEXTS, mlflow_server.uri, tmp_path
-    )
-    assert_agree(results)
-    assert {label for label, _ in results["ours"]} <= {"neg", "pos"}
 
 
 def test_a_rerun_skips_the_finished_stage(finetuned, shared_data, mlflow_server) -> None:
