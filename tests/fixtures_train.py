@@ -214,20 +214,44 @@ def tiny_config(
     return cfg
 
 
-@pytest.fixture(scope="session")
-def pretrained(ray_session, shared_data, mlflow_server, tiny_data_index, tmp_path_factory):
-    """The shipped tiny pretraining config, shortened; registered as perceiver-mlm."""
-    from pipelines.train import run_pretraining
+# The session's pretraining run (``pretrained_run``): its steps, and when it evaluates.
+PRETRAIN_STEPS, PRETRAIN_EVAL_EVERY = 100, 25
 
-    storage = tmp_path_factory.mktemp("ft-pretrain")
+
+@pytest.fixture(scope="session")
+def pretrained_run(ray_session, s3_data, mlflow_server, tmp_path_factory):
+    """The shipped tiny pretraining config, shortened, run once for every test that needs a
+    pretrained model: real Ray Train with 2 workers under DeepSpeed ZeRO-3 (the stage that
+    shards weights as well), its documents, run storage and checkpoints in a bucket on the
+    S3-compatible server; registered as perceiver-mlm, its files in the tracking server's
+    bucket. ``(config, result, a local copy of the final checkpoint)``."""
+    from fixtures_s3 import BUCKET
+
+    from pipelines.train import run_pretraining
+    from pipelines.train import storage as run_storage
+
+    storage = f"s3://{BUCKET}/runs"
     cfg = tiny_config(
-        shared_data,
+        s3_data,
         storage,
         mlflow_server.uri,
-        "ft-pretrain",
-        ["train.steps=100", "eval.every=50", "checkpoint.every=50"],
-        index=tiny_data_index,
+        "tiny-zero3",
+        [
+            "train.zero_stage=3",
+            f"train.steps={PRETRAIN_STEPS}",
+            "train.log_every=5",
+            f"eval.every={PRETRAIN_EVAL_EVERY}",
+            "checkpoint.every=50",
+        ],
     )
     result = run_pretraining(cfg)
+    assert result.checkpoint_path.startswith(f"{storage}/tiny-zero3/")
     assert result.registered_model is not None
-    return result.registered_model.registry_uri
+    scratch = tmp_path_factory.mktemp("checkpoint")
+    return cfg, result, run_storage.local_copy(result.checkpoint_path, scratch)
+
+
+@pytest.fixture(scope="session")
+def pretrained(pretrained_run) -> str:
+    """The registry URI of the session's pretrained model (``models:/perceiver-mlm/N``)."""
+    return pretrained_run[1].registered_model.registry_uri

@@ -2,7 +2,8 @@
 that shards weights as well; ZeRO 0-2 are trained by tests/test_train_engine.py, ZeRO 0 on two
 nodes by tests/test_cluster.py), its documents, run storage and checkpoints in a bucket on an
 S3-compatible server, and a real MLflow server whose artifacts are there too; then the
-registered model."""
+registered model. The run is the session's ``pretrained_run`` (tests/fixtures_train.py), which
+the fine-tuning tests start from."""
 
 from __future__ import annotations
 
@@ -11,43 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_train import tiny_config
+from fixtures_train import PRETRAIN_EVAL_EVERY, PRETRAIN_STEPS, tiny_config
 
 from perceiver_core.hf import from_pretrained
 from perceiver_core.model import PerceiverForMaskedLM
 from perceiver_core.tokenizer import ByteTokenizer
-from pipelines.train import run_pretraining
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 
-STEPS = 60
+STEPS, EVAL_EVERY = PRETRAIN_STEPS, PRETRAIN_EVAL_EVERY
+EVALS = list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
 
 
 @pytest.fixture(scope="module")
-def trained(ray_session, s3_data, mlflow_server, tmp_path_factory):
+def trained(pretrained_run):
     """(ZeRO stage, config, result, a local copy of the final checkpoint)."""
-    from fixtures_s3 import BUCKET
-
-    from pipelines.train import storage as run_storage
-
-    stage, storage = 3, f"s3://{BUCKET}/runs"
-    cfg = tiny_config(
-        s3_data,
-        storage,
-        mlflow_server.uri,
-        f"tiny-zero{stage}",
-        [
-            f"train.zero_stage={stage}",
-            f"train.steps={STEPS}",
-            "train.log_every=5",
-            "eval.every=20",
-            "checkpoint.every=30",
-        ],
-    )
-    result = run_pretraining(cfg)
-    assert result.checkpoint_path.startswith(f"{storage}/tiny-zero{stage}/")
-    scratch = tmp_path_factory.mktemp("checkpoint")
-    return stage, cfg, result, run_storage.local_copy(result.checkpoint_path, scratch)
+    return (3, *pretrained_run)
 
 
 def test_validation_loss_falls(trained, mlflow_server) -> None:
@@ -56,7 +36,7 @@ def test_validation_loss_falls(trained, mlflow_server) -> None:
     _, _, result, _ = trained
     client = MlflowClient(mlflow_server.uri)
     val = [(m.step, m.value) for m in client.get_metric_history(result.run_id, "val/loss")]
-    assert [step for step, _ in sorted(val)] == [20, 40, 60]
+    assert [step for step, _ in sorted(val)] == EVALS
     losses = [value for _, value in sorted(val)]
     assert losses[-1] < losses[0] < math.log(262)  # below chance, and still falling
     assert result.metrics["val/loss"] == pytest.approx(losses[-1])
@@ -83,7 +63,7 @@ def test_checkpoint_holds_every_rank_and_the_data_position(trained) -> None:
     assert state["step"] == STEPS and state["format_version"] == 2
     # The data position is a number: the crops of every step so far.
     assert state["task"] == {"consumed": STEPS * cfg.train.crops_per_step, "step": STEPS}
-    assert state["progress"]["best_step"] in (20, 40, 60) and state["progress"]["evals"] == 3
+    assert state["progress"]["best_step"] in EVALS and state["progress"]["evals"] == len(EVALS)
     ranks = ["rank_00000.json", "rank_00001.json"]
     assert sorted(p.name for p in (folder / "rng").iterdir()) == ranks
     shards = list((folder / "engine" / f"step_{STEPS:08d}").glob("zero_pp_rank_*"))
