@@ -404,6 +404,139 @@ def test_ray_heads_and_only_heads_get_the_checkpoint_key() -> None:
                 assert (key in sources) == where.startswith("head"), f"{label} {where}"
 
 
+def secret_holders(name: str) -> set[str]:
+    """Labels of the documents whose containers read Secret ``name`` (envFrom or secretKeyRef)."""
+    found = set()
+    for label, doc in documents():
+        for spec in pod_specs(doc):
+            for container in spec["containers"] + spec.get("initContainers", []):
+                refs = [e.get("secretRef", {}).get("name") for e in container.get("envFrom", [])]
+                refs += [
+                    e.get("valueFrom", {}).get("secretKeyRef", {}).get("name")
+                    for e in container.get("env", [])
+                ]
+                if name in refs:
+                    found.add(label)
+    return found
+
+
+def test_s3_keys_are_scoped_to_their_buckets() -> None:
+    """MinIO's root account stays with MinIO and its setup Job; the MLflow server alone holds the
+    artifact bucket's key; the Ray pods get a key for the data and checkpoint buckets only."""
+    assert {"minio-root", "s3-mlflow", "s3-training"} <= set(secret_templates())
+    assert "s3-credentials" not in secret_templates()  # the old shared root account
+    setup = "mlflow/minio.yaml#4:Job"
+    assert secret_holders("minio-root") == {"mlflow/minio.yaml#1:Deployment", setup}
+    assert secret_holders("s3-mlflow") == {"mlflow/mlflow.yaml#1:Deployment", setup}
+    for label, doc in KUBERAY:
+        for where, template in ray_pod_templates(doc):
+            if where == "submitter":
+                continue
+            for container in template["spec"]["containers"]:
+                names = {e.get("secretRef", {}).get("name") for e in container.get("envFrom", [])}
+                assert "s3-training" in names, f"{label} {where}"
+    assert secret_holders("s3-training") <= {label for label, _ in KUBERAY} | {setup}
+
+    def buckets(statements: list[dict], actions: set[str]) -> set[str]:
+        return {
+            arn.removeprefix("arn:aws:s3:::").split("/")[0]
+            for st in statements
+            if st["Effect"] == "Allow" and actions & set(st["Action"])
+            for arn in st["Resource"]
+        }
+
+    policies = {
+        key.removesuffix(".json"): json.loads(text)["Statement"]
+        for key, text in named("ConfigMap", "minio-policies")["data"].items()
+    }
+    writes = {"s3:PutObject", "s3:DeleteObject", "s3:*"}
+    reads = {"s3:GetObject", "s3:ListBucket", "s3:*"} | writes
+    assert buckets(policies["perceiver-mlflow"], reads) == {"mlflow-artifacts"}
+    assert buckets(policies["perceiver-training"], reads) == {"perceiver-data", "perceiver-runs"}
+    assert buckets(policies["perceiver-training"], writes) == {"perceiver-runs"}
+    # The setup Job gives each Secret's user the policy of the same name.
+    (container,) = named("Job", "minio-setup")["spec"]["template"]["spec"]["containers"]
+    script_text = container["args"][0]
+    for who in ("mlflow", "training"):
+        (user,) = [
+            name
+            for name, entry in env_of(container).items()
+            if entry.get("valueFrom", {}).get("secretKeyRef")
+            == {"name": f"s3-{who}", "key": "AWS_ACCESS_KEY_ID"}
+        ]
+        assert f'policy attach store perceiver-{who} --user "${user}"' in script_text
+
+
+def policies_for(labels: dict[str, str]) -> list[dict]:
+    """The ingress NetworkPolicies that select pods with ``labels``."""
+    return [
+        doc
+        for _, doc in of_kind("NetworkPolicy")
+        if doc["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+        and "Ingress" in doc["spec"]["policyTypes"]
+    ]
+
+
+def test_network_policies_cover_every_pod_that_listens() -> None:
+    """Every Ray pod, the MLflow server, MinIO and PostgreSQL admit only the peers named in a
+    NetworkPolicy; the Ray job API and MLflow only on their ports."""
+    ray_labels = []
+    for label, doc in KUBERAY:
+        for where, template in ray_pod_templates(doc):
+            if where == "submitter":  # only connects out
+                continue
+            labels = template["metadata"]["labels"]
+            assert policies_for(labels), f"{label} {where}: no NetworkPolicy selects it"
+            ray_labels.append(labels)
+    for _, doc in of_kind("Deployment", "StatefulSet"):
+        labels = doc["spec"]["template"]["metadata"]["labels"]
+        assert policies_for(labels), f"{doc['metadata']['name']}: no NetworkPolicy selects it"
+
+    def admits(rule: dict, labels: dict[str, str]) -> bool:
+        return any(
+            "namespaceSelector" not in peer
+            and peer.get("podSelector", {}).get("matchLabels", {}).items() <= labels.items()
+            for peer in rule.get("from", [])
+        )
+
+    mlflow = named("Deployment", "mlflow")["spec"]["template"]["metadata"]["labels"]
+    (policy,) = policies_for(mlflow)
+    for rule in policy["spec"]["ingress"]:
+        assert [p["port"] for p in rule["ports"]] == [5000]
+    assert all(any(admits(r, labels) for r in policy["spec"]["ingress"]) for labels in ray_labels)
+    # Submitters reach the job API of a Ray head, and nothing else.
+    submitter = {"app.kubernetes.io/name": "perceiver-ray-submitter"}
+    for policy in policies_for(ray_labels[0]):
+        for rule in policy["spec"]["ingress"]:
+            if admits(rule, submitter):
+                assert [p["port"] for p in rule["ports"]] == [8265]
+
+
+def test_mlflow_image_serves_with_authentication_only(tmp_path: Path) -> None:
+    """The image's default command is mlflow-serve, which starts ``mlflow server --app-name
+    basic-auth`` and refuses to start without a secret key and an admin password of its own."""
+    dockerfile = DOCKER / "mlflow-server.Dockerfile"
+    steps = instructions(dockerfile)
+    (entrypoint,) = [json.loads(args) for name, args in steps if name == "ENTRYPOINT"]
+    assert entrypoint == ["/usr/local/bin/mlflow-serve"]
+    assert not [args for name, args in steps if name == "CMD"]
+    (copy_serve,) = [a for name, a in steps if name == "COPY" and a.endswith("/mlflow-serve")]
+    source = REPO_ROOT / copy_serve.split()[-2]
+    text = source.read_text()
+    assert "exec mlflow server" in text and "--app-name basic-auth" in text
+    env = clean_env()
+    for name in ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        env.pop(name, None)
+    missing = run(["/bin/sh", str(source)], env=env, timeout=30)
+    assert missing.returncode != 0 and "MLFLOW_FLASK_SERVER_SECRET_KEY" in missing.stderr
+    env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = "x" * 32
+    missing = run(["/bin/sh", str(source)], env=env, timeout=30)
+    assert missing.returncode != 0 and "MLFLOW_AUTH_ADMIN_PASSWORD" in missing.stderr
+    env["MLFLOW_AUTH_ADMIN_PASSWORD"] = "password1234"
+    default = run(["/bin/sh", str(source)], env=env, timeout=30)
+    assert default.returncode == 2 and "public default" in default.stderr
+
+
 def test_secret_looking_env_vars_come_from_secrets() -> None:
     for label, doc in documents():
         for spec in pod_specs(doc):
@@ -732,7 +865,10 @@ def test_image_pins_are_exact_consistent_and_complete() -> None:
 def test_shell_scripts_pass_shellcheck(tmp_path: Path) -> None:
     embedded = tmp_path / "mlflow-start.sh"
     embedded.write_text(mlflow_start_script())
-    scripts = [*sorted(LOCAL.glob("*.sh")), embedded]
+    (setup,) = named("Job", "minio-setup")["spec"]["template"]["spec"]["containers"]
+    minio_setup = tmp_path / "minio-setup.sh"
+    minio_setup.write_text("#!/bin/sh\n" + setup["args"][0])
+    scripts = [*sorted(LOCAL.glob("*.sh")), *sorted(DOCKER.glob("*.sh")), embedded, minio_setup]
     result = run(
         [tool("shellcheck"), "-x", *map(str, scripts)],
         cwd=LOCAL,
@@ -875,15 +1011,17 @@ def test_local_ray_without_auth(state_dir: Path, ray_ports: dict) -> None:
 
 
 def test_start_refuses_a_busy_port(state_dir: Path) -> None:
+    new = state_dir / "new"  # start.sh creates its state folder, for its owner only
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         result = script(
-            "start.sh", "--mlflow-only", "--state-dir", str(state_dir), "--mlflow-port", str(port)
+            "start.sh", "--mlflow-only", "--state-dir", str(new), "--mlflow-port", str(port)
         )
     assert result.returncode != 0 and f"already in use: {port}" in result.stderr
-    assert not marked(state_dir)
+    assert not marked(new)
+    assert new.stat().st_mode & 0o777 == 0o700
 
 
 def test_stop_is_quiet_when_nothing_runs(state_dir: Path) -> None:

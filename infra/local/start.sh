@@ -9,8 +9,8 @@
 #
 # Options:
 #   --state-dir DIR         PID files, logs, env.sh, the Ray token, MLflow's SQLite database and
-#                           artifacts (default: $PERCEIVER_LOCAL_STATE, else
-#                           ${XDG_STATE_HOME:-~/.local/state}/perceiver-local)
+#                           artifacts, made readable by its owner only (default:
+#                           $PERCEIVER_LOCAL_STATE, else ${XDG_STATE_HOME:-~/.local/state}/perceiver-local)
 #   --ray-only | --mlflow-only
 #   --ray-port N            GCS port (6379)
 #   --dashboard-port N      dashboard and job API, bound to 127.0.0.1 (8265)
@@ -77,7 +77,9 @@ command -v setsid >/dev/null || die "setsid not found (util-linux)"
 "$PYTHON" -c "import ray, mlflow" 2>/dev/null ||
     die "$PYTHON cannot import ray and mlflow (install the project: pip install -e .)"
 
-mkdir -p "$STATE_DIR"
+# The state folder holds the Ray token and MLflow's store: its owner's only.
+(umask 077 && mkdir -p "$STATE_DIR")
+chmod 700 "$STATE_DIR"
 STATE_DIR=$(cd "$STATE_DIR" && pwd -P)
 
 # Refuse to start a service twice; forget a service whose processes are all gone.
