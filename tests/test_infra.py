@@ -16,6 +16,7 @@ Linters missing: skipped on a developer's machine, failed in CI (CI=true), as in
 
 from __future__ import annotations
 
+import base64
 import configparser
 import copy
 import fnmatch
@@ -948,6 +949,7 @@ def port_args(ports: dict[str, int]) -> list[str]:
 def test_local_services_start_and_stop(state_dir: Path, ray_ports: dict, decoy) -> None:
     (mlflow_port,) = free_ports(1)
     options = [*port_args(ray_ports), "--mlflow-port", str(mlflow_port), "--num-cpus", "1"]
+    options.append("--mlflow-auth")
     start = script("start.sh", "--state-dir", str(state_dir), *options, "--timeout", "150")
     assert start.returncode == 0, start.stdout + start.stderr
     env = exports(state_dir)
@@ -968,12 +970,22 @@ def test_local_services_start_and_stop(state_dir: Path, ray_ports: dict, decoy) 
         env=clean_env(**env),
     )
     assert driver.stdout.split()[-1:] == ["42"], driver.stdout + driver.stderr
-    # MLflow: healthy, and its store takes writes.
+    # MLflow: healthy, and its store takes writes from the admin the exports name, no one else.
     tracking = env["MLFLOW_TRACKING_URI"]
     assert http_status(f"{tracking}/health") == 200
     body = json.dumps({"name": "infra-test"}).encode()
     create = f"{tracking}/api/2.0/mlflow/experiments/create"
-    assert http_status(create, {"Content-Type": "application/json"}, body) == 200
+    assert http_status(create, {"Content-Type": "application/json"}, body) == 401
+    password_file = state_dir / "mlflow" / "admin_password"
+    assert password_file.stat().st_mode & 0o077 == 0, "the MLflow password must be private"
+    assert env["MLFLOW_TRACKING_USERNAME"] == "admin"
+    assert password_file.read_text().strip() not in start.stdout  # never printed
+    sourced = run(["bash", "-c", f". {state_dir / 'env.sh'} && echo $MLFLOW_TRACKING_PASSWORD"])
+    password = sourced.stdout.strip()
+    assert password == password_file.read_text().strip()
+    login = base64.b64encode(f"admin:{password}".encode()).decode()
+    headers = {"Content-Type": "application/json", "Authorization": f"Basic {login}"}
+    assert http_status(create, headers, body) == 200
 
     again = script("start.sh", "--state-dir", str(state_dir))
     assert again.returncode != 0 and "already running" in again.stderr

@@ -19,6 +19,7 @@
 #   --mlflow-port N         MLflow, bound to 127.0.0.1 (5000)
 #   --num-cpus N            CPUs the head offers to tasks (default: all)
 #   --no-auth               RAY_AUTH_MODE=disabled (see below)
+#   --mlflow-auth           MLflow with basic authentication (see below)
 #   --timeout SECONDS       how long to wait for each service to answer (120)
 #
 # Ray authentication. Ray 2.60 uses token authentication by default, and so does this script: it
@@ -30,8 +31,11 @@
 # a token anyone who can reach this machine can run code on it. Use --no-auth only on a machine
 # that nothing else can reach (a CI runner, a sandbox).
 #
-# MLflow runs without authentication, on 127.0.0.1 only, with an SQLite store and a local
-# artifact folder; its background job runner (GenAI scorers) is off to keep it light.
+# MLflow runs on 127.0.0.1 only, with an SQLite store and a local artifact folder; its background
+# job runner (GenAI scorers) is off to keep it light. Without --mlflow-auth anyone on this machine
+# can use it. With --mlflow-auth it runs MLflow's basic-auth app (needs `mlflow[auth]`): an admin
+# password is generated once into $STATE_DIR/mlflow/admin_password (mode 600), and the printed
+# exports set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -48,6 +52,7 @@ AGENT_PORT=52365
 MLFLOW_PORT=5000
 NUM_CPUS=""
 AUTH_MODE=token
+MLFLOW_AUTH=0
 TIMEOUT=120
 SERVICES="ray mlflow"
 
@@ -64,6 +69,7 @@ while [ $# -gt 0 ]; do
         --mlflow-port) need_value "$@"; MLFLOW_PORT=$2; shift 2 ;;
         --num-cpus) need_value "$@"; NUM_CPUS=$2; shift 2 ;;
         --no-auth) AUTH_MODE=disabled; shift ;;
+        --mlflow-auth) MLFLOW_AUTH=1; shift ;;
         --timeout) need_value "$@"; TIMEOUT=$2; shift 2 ;;
         -h | --help) usage; exit 0 ;;
         *) die "unknown option: $1 (see --help)" ;;
@@ -213,15 +219,55 @@ await_ray() {
     echo "               log $dir/ray.log"
 }
 
+# Basic authentication: an admin password and the server's secret key, generated once (mode
+# 600), and the auth config (users in their own SQLite database) that names them.
+prepare_mlflow_auth() {
+    local dir=$1
+    (
+        umask 077
+        for name in admin_password secret_key; do
+            [ -s "$dir/$name" ] || "$PYTHON" -c "import secrets; print(secrets.token_hex(24))" >"$dir/$name"
+        done
+        "$PYTHON" - "$dir" <<'EOF'
+import pathlib
+import sys
+
+folder = pathlib.Path(sys.argv[1])
+password = (folder / "admin_password").read_text().strip()
+(folder / "basic_auth.ini").write_text(
+    "[mlflow]\n"
+    "default_permission = READ\n"
+    f"database_uri = sqlite:///{folder}/basic_auth.db\n"
+    "admin_username = admin\n"
+    f"admin_password = {password}\n"
+    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+)
+EOF
+    )
+}
+
 launch_mlflow() {
     local dir="$STATE_DIR/mlflow"
+    local -a auth_args=()
     mkdir -p "$dir/artifacts"
-    (cd "$dir" && exec env "PERCEIVER_LOCAL_SERVICE=mlflow@$STATE_DIR" \
-        MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
-        setsid "$PYTHON" -m mlflow server \
-        --backend-store-uri "sqlite:///$dir/mlflow.db" \
-        --artifacts-destination "$dir/artifacts" \
-        --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1) \
+    if [ "$MLFLOW_AUTH" = 1 ]; then
+        "$PYTHON" -c "import flask_wtf" 2>/dev/null ||
+            die "--mlflow-auth needs MLflow's auth extra: pip install 'mlflow[auth]' (or the project's dev extra)"
+        prepare_mlflow_auth "$dir"
+        auth_args=(--app-name basic-auth)
+    fi
+    # The secret key goes through the environment, never a command line.
+    (cd "$dir" &&
+        if [ "$MLFLOW_AUTH" = 1 ]; then
+            MLFLOW_FLASK_SERVER_SECRET_KEY=$(cat "$dir/secret_key")
+            export MLFLOW_FLASK_SERVER_SECRET_KEY MLFLOW_AUTH_CONFIG_PATH="$dir/basic_auth.ini"
+        fi &&
+        exec env "PERCEIVER_LOCAL_SERVICE=mlflow@$STATE_DIR" \
+            MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
+            setsid "$PYTHON" -m mlflow server \
+            --backend-store-uri "sqlite:///$dir/mlflow.db" \
+            --artifacts-destination "$dir/artifacts" \
+            --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 ${auth_args[@]+"${auth_args[@]}"}) \
         >"$dir/mlflow.log" 2>&1 </dev/null &
     STARTED+=(mlflow)
 }
@@ -236,6 +282,11 @@ await_mlflow() {
     {
         echo "# MLflow server (pid $leader), store $dir"
         echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT"
+        if [ "$MLFLOW_AUTH" = 1 ]; then
+            echo "export MLFLOW_TRACKING_USERNAME=admin"
+            # Read when sourced: the password itself is never printed.
+            echo "export MLFLOW_TRACKING_PASSWORD=\"\$(cat '$dir/admin_password')\""
+        fi
     } >"$dir/env.sh"
     echo "MLflow server: http://127.0.0.1:$MLFLOW_PORT (pid $leader)"
     echo "               log $dir/mlflow.log"
