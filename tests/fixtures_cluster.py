@@ -36,6 +36,8 @@ def node_env() -> dict[str, str]:
         **env,
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
+        # Every worker's line reaches the driver's output (the tests read the progress lines).
+        "RAY_DEDUP_LOGS": "0",
         # Right after a node is lost, Ray Train still counts its resources and asks for a group
         # of the old size; it tries a smaller one once that start times out (60 s by default).
         # The timeout covers only the wait for the group's placement (instant when it fits).
