@@ -273,5 +273,7 @@ def save_pretrained(model: PerceiverModel, path: str | Path) -> Path:
     tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tmp_weights.replace(path / "model.safetensors")
     tmp_config.replace(path / "config.json")
-    ByteTokenizer().save_pretrained(path)
+    # The tokenizer's limit is the model's, so ``truncation=True`` anywhere (transformers' pipelines,
+    # an MLflow model's inference config) cuts a text to what the position embeddings cover.
+    ByteTokenizer(model_max_length=model.config.max_position_embeddings).save_pretrained(path)
     return path

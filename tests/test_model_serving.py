@@ -37,6 +37,15 @@ TEXTS = [
     "zzzz",
     "The plot made no sense at all",
 ]
+# Longer than the tiny preset's 128 positions: every way truncates it to what they cover, [CLS] and
+# [SEP] included, so it scores exactly as its first 126 bytes do (the next entry).
+LONG_REVIEW = (
+    "I went in expecting very little from this one, and for the first half hour it delivered "
+    "exactly that: a slow opening, a lead who mumbles, a score that never stops. Then the second "
+    "act arrives and everything changes; the writing sharpens, the cast wakes up, and by the end "
+    "I was sorry to see it finish. Flawed, but worth your evening."
+)
+LONG_TEXTS = [LONG_REVIEW, LONG_REVIEW[:126]]
 Predictions = list[tuple[str, float]]
 
 # Run in a fresh interpreter: what a user's process does, with nothing cached from the tests.
@@ -48,7 +57,7 @@ from pipelines.tracking.models import load_model
 
 uri, texts = sys.argv[1], json.loads(sys.argv[2])
 pipe = mlflow.transformers.load_model(uri)
-transformers_out = [(r["label"], float(r["score"])) for r in pipe(texts)]
+transformers_out = [(r["label"], float(r["score"])) for r in pipe(texts, truncation=True)]
 frame = mlflow.pyfunc.load_model(uri).predict(texts)
 pyfunc_out = [(str(l), float(s)) for l, s in zip(frame["label"], frame["score"])]
 loaded = load_model(uri, expect="classifier")
@@ -193,7 +202,11 @@ def served_classifier(mlflow_server, tmp_path_factory: pytest.TempPathFactory):
 
 def test_registered_classifier_gives_the_same_answers_four_ways(served_classifier) -> None:
     uri, model, root = served_classifier
-    results = predictions_four_ways(f"models:/{model.name}@champion", TEXTS, uri, root / "four")
+    texts = TEXTS + LONG_TEXTS
+    results = predictions_four_ways(f"models:/{model.name}@champion", texts, uri, root / "four")
+    for way, predictions in results.items():  # a long text answers as its covered prefix does
+        (label, score), (prefix_label, prefix_score) = predictions[-2:]
+        assert label == prefix_label and score == pytest.approx(prefix_score, abs=1e-6), way
     ours = results["ours"]
     # Meaningful only if the labels differ and no score sits on the fence between them.
     assert {label for label, _ in ours} == set(LABELS)

@@ -430,3 +430,20 @@ def test_default_model_names() -> None:
     assert registry.default_model_name("mlm") == "perceiver-mlm"
     with pytest.raises(ValueError):
         registry.default_model_name("/")
+
+
+def test_a_registered_language_model_fills_text_longer_than_its_positions(
+    tiny: TinyModels,
+) -> None:
+    """``pyfunc`` (and so ``mlflow models serve``) truncates to the model's positions, as recorded
+    with the logged model: a long text fills exactly as its covered prefix does."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tiny.uri)
+    model = mlflow.pyfunc.load_model(tiny.mlm.registry_uri)
+    positions = json.loads((tiny.mlm_dir / "config.json").read_text())["max_position_embeddings"]
+    text = "The film was [MASK] good, " + "and the cast was fine. " * 20
+    assert len(text.encode()) > positions
+    covered = positions - 2 + len("[MASK]") - 1  # [CLS], [SEP]; "[MASK]" is one token
+    long, prefix = model.predict([text, text[:covered]])
+    assert isinstance(long, str) and long == prefix  # the predicted byte (without: IndexError)

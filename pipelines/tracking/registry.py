@@ -140,6 +140,19 @@ def pipeline_task(hf_dir: Path) -> tuple[str, str]:
     )
 
 
+def inference_config(task: str) -> dict[str, Any]:
+    """Arguments MLflow passes to the pipeline on every ``pyfunc`` / ``mlflow models serve`` call,
+    recorded with the logged model: texts longer than the model's positions are truncated to them
+    (the tokenizer's ``model_max_length`` is the model's ``max_position_embeddings``), as
+    ``jobs.predict`` and ``perceiver_core.predict`` do; without it such a text fails with
+    ``IndexError`` in the position embeddings."""
+    if task == "text-classification":
+        return {"truncation": True}
+    if task == "fill-mask":
+        return {"tokenizer_kwargs": {"truncation": True}}
+    raise ValueError(f"no inference config for task {task!r}")
+
+
 def signature(task: str) -> Any:
     """The model signature: a column of strings in; the filled-in text, or label and score, out.
 
@@ -179,6 +192,8 @@ def log_and_register(
     class_name, task = pipeline_task(hf_dir)
     model = getattr(transformers, class_name).from_pretrained(hf_dir)
     tokenizer = transformers.PerceiverTokenizer.from_pretrained(hf_dir)
+    # Folders exported before the tokenizer carried the model's limit say 2048.
+    tokenizer.model_max_length = model.config.max_position_embeddings
     # The fluent API (which mlflow.transformers uses) logs to the process's current URI.
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
@@ -188,6 +203,7 @@ def log_and_register(
             name=f"{artifact_name}-step{lineage.step}",
             task=task,
             signature=signature(task),
+            model_config=inference_config(task),
             pip_requirements=list(PIP_REQUIREMENTS),
             step=lineage.step,
             tags=lineage.tags(),
