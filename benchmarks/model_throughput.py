@@ -24,7 +24,7 @@ import transformers
 
 from perceiver_core import hf
 from perceiver_core.config import PerceiverConfig, get_preset
-from perceiver_core.flops import step_flops
+from perceiver_core.flops import measured_matmul_flops, step_flops
 from perceiver_core.model import PerceiverForMaskedLM, compile_blocks
 
 
@@ -33,13 +33,7 @@ def log(message: str) -> None:
 
 
 def matmul_peak_tflops(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.matmul(a, b)  # warm up the kernel selection
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.matmul(a, b)
-        calls += 1
-    return 2 * n**3 * calls / (time.perf_counter() - start) / 1e12
+    return measured_matmul_flops("cpu", dtype, n=n, seconds=seconds) / 1e12
 
 
 def make_batches(config: PerceiverConfig, batch: int, seq: int, count: int, seed: int = 0):

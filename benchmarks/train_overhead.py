@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from perceiver_core.flops import step_flops
+from perceiver_core.flops import measured_matmul_flops, step_flops
 from perceiver_core.model import PerceiverForMaskedLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,14 +44,10 @@ def matmul_peak(threads: int, n: int = 1024, seconds: float = 2.0) -> float:
     """fp32 matmul FLOP/s of this machine with ``threads`` threads: the MFU denominator."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.matmul(a, b)
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.matmul(a, b)
-        calls += 1
-    torch.set_num_threads(previous)
-    return 2 * n**3 * calls / (time.perf_counter() - start)
+    try:
+        return measured_matmul_flops("cpu", torch.float32, n=n, seconds=seconds)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def benchmark_config(

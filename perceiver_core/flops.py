@@ -9,7 +9,10 @@ input gradient, one for the weight gradient (or, in attention, for each operand)
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+
+import torch
 
 from perceiver_core.config import PerceiverConfig
 
@@ -85,3 +88,64 @@ def mfu(flops_per_step: float, seconds_per_step: float, peak_flops_per_s: float)
     if seconds_per_step <= 0 or peak_flops_per_s <= 0:
         raise ValueError("seconds_per_step and peak_flops_per_s must be positive")
     return flops_per_step / seconds_per_step / peak_flops_per_s
+
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' data sheets, per GPU, matched
+# against ``torch.cuda.get_device_name()``; longest name first so "H100 PCIe" beats "H100".
+GPU_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+}
+
+
+def measured_matmul_flops(
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    n: int = 1024,
+    seconds: float = 0.5,
+) -> float:
+    """FLOP/s of an ``n x n`` matmul in ``dtype`` on ``device`` with this process's threads: the
+    machine's practical peak, which a model's smaller matmuls do not exceed."""
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.matmul(a, b)  # kernel selection, allocation
+    _synchronize(device)
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.matmul(a, b)
+        calls += 1
+        if calls % 8 == 0:
+            _synchronize(device)
+    _synchronize(device)
+    return 2 * n**3 * calls / (time.perf_counter() - start)
+
+
+def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32) -> float:
+    """The MFU denominator for one worker: a known GPU's data-sheet peak (bf16/fp16 dense; half of
+    it for fp32, which runs on TF32 tensor cores at half the rate), otherwise the measured matmul
+    rate in ``dtype``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        known = gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
+        return known or measured_matmul_flops(device, dtype, n=8192, seconds=1.0)
+    return measured_matmul_flops(device, dtype)
+
+
+def gpu_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
+    """The data-sheet peak of the GPU named ``device_name`` in ``dtype``, if it is known."""
+    for model in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):
+        if model in device_name:
+            return GPU_PEAK_FLOPS[model] / (2 if dtype == torch.float32 else 1)
+    return None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from perceiver_core.config import PRESETS, PerceiverConfig, get_preset
-from perceiver_core.flops import mfu, step_flops
+from perceiver_core.flops import gpu_peak_flops, mfu, peak_flops, step_flops
 from perceiver_core.model import (
     PerceiverForMaskedLM,
     PerceiverForSequenceClassification,
@@ -150,6 +150,16 @@ def test_flops_count_for_the_classifier() -> None:
     with FlopCounterMode(display=False) as counter:
         model(torch.randint(6, 262, (3, 50)), labels=torch.tensor([0, 1, 2])).loss.backward()
     assert counter.get_total_flops() == step_flops(config, 3, 50, task="classification").total
+
+
+def test_the_mfu_peak_is_a_known_gpus_or_measured() -> None:
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989e12
+    assert gpu_peak_flops("NVIDIA H100 PCIe", torch.bfloat16) == 756e12
+    assert gpu_peak_flops("NVIDIA H200", torch.float32) == 989e12 / 2  # TF32
+    assert gpu_peak_flops("NVIDIA GeForce GTX 1080", torch.bfloat16) is None
+    # On a CPU: what a 1024 x 1024 matmul achieves, at least what a single thread's scalar code
+    # would (1 GFLOP/s) and at most what any CPU this runs on could (100 TFLOP/s).
+    assert 1e9 < peak_flops("cpu", torch.float32) < 1e14
 
 
 def test_mfu_is_achieved_over_peak() -> None:

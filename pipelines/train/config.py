@@ -100,8 +100,11 @@ class EngineSection:
         gradients, then weights).
     precision: ``auto`` is bf16 where supported, else fp16.
     grad_clip: global gradient-norm clipping (0 disables).
-    peak_flops_per_worker: the device's peak FLOP/s, the denominator of MFU (H100 bf16 dense:
-        989e12; a CPU core pair here: about 1e11).
+    peak_flops_per_worker: the device's peak FLOP/s, the denominator of MFU. ``null`` (the
+        default): a known GPU's data-sheet peak (``perceiver_core.flops.GPU_PEAK_FLOPS``; H100 bf16
+        dense 989e12), else the matmul rate each worker measures at start in its precision. A
+        number given here that the run exceeds is wrong: MFU is then not reported, and a warning
+        says so.
     log_every: steps between metric logs (each log averages the steps since the previous one).
     """
 
@@ -114,7 +117,7 @@ class EngineSection:
     zero_stage: int = 0
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     grad_clip: float = 1.0
-    peak_flops_per_worker: float = 989e12
+    peak_flops_per_worker: float | None = None
     log_every: int = 10
 
     def __post_init__(self) -> None:
@@ -147,8 +150,8 @@ class EngineSection:
                 )
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
-        if self.peak_flops_per_worker <= 0:
-            raise ValueError("peak_flops_per_worker must be positive")
+        if self.peak_flops_per_worker is not None and self.peak_flops_per_worker <= 0:
+            raise ValueError("peak_flops_per_worker must be positive (or null: measured)")
 
     @property
     def workers(self) -> tuple[int, int]:

@@ -28,6 +28,7 @@ import ray.train
 import torch
 from torch import nn
 
+from perceiver_core.flops import peak_flops
 from perceiver_core.hf import save_pretrained
 from perceiver_core.task_metrics import TaskMetric
 from pipelines.tracking.config import TrackingConfig
@@ -197,6 +198,12 @@ class Trainer:
             total_steps=self.total,
             rank=rank,
         )
+        # The MFU denominator, on the rank that logs: configured, or measured here in the run's
+        # precision (half a second) or known for the GPU.
+        self.peak_flops = job.engine.peak_flops_per_worker
+        if self.peak_flops is None and rank == 0:
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            self.peak_flops = peak_flops(self.engine.device, dtype)
         self.checkpointer = Checkpointer(self.engine, rank, job.name, job.signing_key)
         state = self.checkpointer.restore(ray.train.get_checkpoint())
         if state and state.config_hash != job.config_hash and rank == 0:
@@ -285,9 +292,18 @@ class Trainer:
             totals,
             world_size=self.world_size,
             lr=float(self.engine.get_lr()[0]),
-            peak_flops_per_worker=self.job.engine.peak_flops_per_worker,
+            peak_flops_per_worker=self.peak_flops,
             per_byte_loss=self.task.per_byte_loss,
         )
+        if metrics.get("perf/mfu", 0.0) > 1.0:  # only a configured peak can be this wrong
+            log.warning(
+                "%s: train.peak_flops_per_worker=%.3g is below what the run achieves; MFU is "
+                "not reported (leave it unset to measure the peak)",
+                self.job.name,
+                self.peak_flops,
+            )
+            self.peak_flops = None
+            del metrics["perf/mfu"]
         self.interval = Interval(self.engine.device)
         return {**metrics, **self.task.train_metrics()}
 

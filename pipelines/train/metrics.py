@@ -12,7 +12,8 @@ combines them, and the logging rank derives:
     perf/bytes_per_s_per_worker       the same divided by the number of workers
     perf/examples_per_s               crops or examples per second, all workers
     perf/mfu                          model FLOPs (perceiver_core.flops; masked positions only for
-                                      the MLM decoder) over elapsed time and the configured peak
+                                      the MLM decoder) over elapsed time and the peak (configured,
+                                      a known GPU's, or measured: ``perceiver_core.flops``)
     perf/data_wait_fraction           share of step time spent waiting for the next batch
     perf/step_time_s                  mean time of a step (data wait, forward, backward, update)
     perf/wall_s_per_step              wall time since the previous log per step: everything the
@@ -91,7 +92,7 @@ def interval_metrics(
     *,
     world_size: int,
     lr: float,
-    peak_flops_per_worker: float,
+    peak_flops_per_worker: float | None,
     per_byte_loss: bool,
 ) -> dict[str, float]:
     """The logged numbers of one interval from its all-reduced ``totals``."""
@@ -112,7 +113,7 @@ def interval_metrics(
     }
     if per_byte_loss:
         metrics["train/bits_per_byte"] = bits_per_byte(loss)
-    if totals["flops"] > 0:
+    if totals["flops"] > 0 and peak_flops_per_worker:
         metrics["perf/mfu"] = totals["flops"] / elapsed / (peak_flops_per_worker * world_size)
     return metrics
 
