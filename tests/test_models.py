@@ -140,6 +140,11 @@ def test_versions_carry_lineage_task_and_signature(tiny: TinyModels) -> None:
     assert tags["lineage.parent"] == f"models:/models-mlm/{tiny.mlm.version}"
     assert tags["lineage.task"] == "imdb"
     assert float(tags["metric.accuracy"]) == 0.75
+    # The metrics also show where users look: on the version's logged model (what the registry
+    # page shows for a version), and on the run it links to.
+    logged = c.get_logged_model(tiny.cls.model_uri.removeprefix("models:/"))
+    assert {(m.key, m.value, m.step) for m in logged.metrics} == {("val/accuracy", 0.75, 7)}
+    assert c.get_run(tiny.cls_run).data.metrics == {"val/accuracy": 0.75}
     assert "lineage.parent" not in c.get_model_version(tiny.mlm.name, tiny.mlm.version).tags
 
     mlflow.set_tracking_uri(tiny.uri)

@@ -208,6 +208,15 @@ def log_and_register(
             step=lineage.step,
             tags=lineage.tags(),
         )
+        if lineage.metrics:
+            # On the logged model (which the registry shows for a version) and on its run, under
+            # the names training logs them by: a recipe's run holds its stages' results this way.
+            mlflow.log_metrics(
+                {f"val/{k}": float(v) for k, v in lineage.metrics.items()},
+                step=lineage.step,
+                model_id=info.model_id,
+                synchronous=True,
+            )
     try:
         client.create_registered_model(registered_name)
     except Exception as error:  # it exists (the common case) or a real failure, raised below
