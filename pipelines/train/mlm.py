@@ -37,6 +37,7 @@ from perceiver_core.hf import load_into, load_state_dict
 from perceiver_core.masking import IGNORE_INDEX
 from perceiver_core.model import PerceiverForMaskedLM
 from perceiver_core.task_metrics import TaskMetric
+from pipelines.console import quiet
 from pipelines.data.config import PretrainDataConfig
 from pipelines.data.index import DataIndex
 from pipelines.data.pretrain import crops_to_torch, pretraining_dataset
@@ -56,6 +57,9 @@ class MaskedLMSpec:
     stream_crops: int  # positions the run trains on: steps x batch size
     eval_crops: int
     eval_batch_size: int
+    # The held-out crops, read once by a Ray task the driver starts before the workers (it reads
+    # while they start up): ``ray.ObjectRef`` to ``held_out_batches``' list.
+    validation: Any
     prefetch_batches: int
     buffer_mb: int  # object-store memory the stream may fill ahead of training
     start: StartingWeights | None = None  # continued pretraining, MLM adaptation
@@ -70,16 +74,16 @@ class MaskedLM:
 
     def __init__(self, spec: MaskedLMSpec, job: WorkerJob, rank: int, world_size: int) -> None:
         self.spec, self.job, self.rank, self.world_size = spec, job, rank, world_size
-        self.validation = load_rows(
-            ray.train.get_dataset_shard("validation"), spec.eval_crops, spec.eval_batch_size
-        )
+        self.validation: list[dict[str, np.ndarray]] | None = None  # fetched at the first eval
         # Crops consumed by the end of step ``base_step`` (the restored checkpoint's).
         self.base_position, self.base_step = 0, 0
         self.step = 0  # the last step a batch was taken for
-        self.feed: Any = None
         self.next_ref: tuple[tuple[int, int], Any] | None = None
         self.flops = _FlopsCounter(spec.model_config, spec.data.packing.crop_len)
         self.samples = _SampleLog(job.debug.samples_dir, rank, world_size)
+        # The feed's process starts now, while the engine is built; it opens the stream once the
+        # restored position is known (``load_state_dict``).
+        self.feed = self._feed_actor()
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return 0  # a stream has no epochs
@@ -97,19 +101,17 @@ class MaskedLM:
         return self.base_position + offset + (micro * self.world_size + self.rank) * size
 
     def batch(self, step: int, micro: int, size: int, device: torch.device) -> Batch:
-        if self.feed is None:
-            self.feed = self._start_feed()
         start = self.position(step, micro, size)
         if self.next_ref is not None and self.next_ref[0] == (start, size):
             rows = ray.get(self.next_ref[1])
         else:
-            rows = ray.get(self.feed.take.remote(start, size))
+            rows = ray.get(self.feed.take.remote(self.base_position, start, size))
         # The next micro-batch, asked for now, arrives while this one trains.
         accum = self.job.batch_size // (self.world_size * size)
         following = (step, micro + 1) if micro + 1 < accum else (step + 1, 0)
         ahead = self.position(*following, size)
         if ahead + size <= self.spec.stream_crops:
-            self.next_ref = ((ahead, size), self.feed.take.remote(ahead, size))
+            self.next_ref = ((ahead, size), self.feed.take.remote(self.base_position, ahead, size))
         self.step = step
         self.samples.write(step + 1, micro, rows)
         masked = rows["masked"].astype(np.int64)
@@ -121,21 +123,21 @@ class MaskedLM:
             flops=self.flops(size, max(1, int(masked.max(initial=0)))),
         )
 
-    def _start_feed(self) -> Any:
-        """Rank 0 starts this worker group's feed at the restored position; every rank gets it."""
+    def _feed_actor(self) -> Any:
+        """Rank 0 starts this worker group's feed; every rank gets it by name."""
         names = [f"crop-feed-{uuid.uuid4().hex}"]
         feed = None
         if self.rank == 0:
             here = NodeAffinitySchedulingStrategy(
                 ray.get_runtime_context().get_node_id(), soft=True
             )
-            # Owned by rank 0's process: it ends with this worker group.
+            # Owned by rank 0's process: it ends with this worker group. A named actor's name is
+            # registered when ``remote()`` returns, so the other ranks find it at once.
             feed = (
                 ray.remote(CropFeed)
                 .options(name=names[0], num_cpus=0, scheduling_strategy=here)
-                .remote(self.spec, self.base_position)
+                .remote(self.spec)
             )
-            ray.get(feed.__ray_ready__.remote())
         if self.world_size > 1:
             torch.distributed.broadcast_object_list(names, src=0)
         self.samples.attempt = names[0]
@@ -146,6 +148,8 @@ class MaskedLM:
         """Masked-byte loss, accuracy and bits per byte on the held-out crops. The batches are dealt
         round-robin to ranks; every rank runs the same number of forward passes (ZeRO-3 gathers
         weights collectively), the surplus ones on a repeated batch whose result is not counted."""
+        if self.validation is None:
+            self.validation = ray.get(self.spec.validation)
         batches = self.validation
         rounds = -(-len(batches) // self.world_size)
         sums = torch.zeros(3, dtype=torch.float64, device=engine.device)
@@ -185,6 +189,8 @@ class MaskedLM:
         if state:
             self.base_position, self.base_step = int(state["consumed"]), int(state["step"])
             self.step = self.base_step - 1
+        if self.rank == 0:  # the stream starts reading now, before the first step asks for it
+            self.feed.open.remote(self.base_position)
 
 
 class CropFeed:
@@ -195,7 +201,22 @@ class CropFeed:
     step ends in a collective), so that is about two steps of crops.
     """
 
-    def __init__(self, spec: MaskedLMSpec, start: int) -> None:
+    def __init__(self, spec: MaskedLMSpec) -> None:
+        quiet()
+        self.spec = spec
+        self.origin = 0
+        self.blocks: StreamWindow | None = None
+
+    def open(self, start: int) -> None:
+        """Start the stream at position ``start`` (the restored one, which every rank knows).
+        Rank 0 calls it early so that the stream reads ahead; each ``take`` calls it too, since
+        calls from different ranks arrive in no fixed order."""
+        if self.blocks is not None:
+            if start != self.origin:
+                raise RuntimeError(f"the feed is open at {self.origin}, not {start} (a bug)")
+            return
+        self.origin = start
+        spec = self.spec
         ds = pretraining_dataset(spec.data, spec.index, split="train", start=start)
         ds = ds.limit(max(0, spec.stream_crops - start))
         ds.context.enable_progress_bars = False
@@ -207,7 +228,9 @@ class CropFeed:
         )
         self.blocks = StreamWindow(iter(batches), start)
 
-    def take(self, start: int, size: int) -> dict[str, np.ndarray]:
+    def take(self, origin: int, start: int, size: int) -> dict[str, np.ndarray]:
+        self.open(origin)
+        assert self.blocks is not None
         return self.blocks.take(start, size)
 
 
@@ -301,13 +324,18 @@ class _FlopsCounter:
         return self._cache[key]
 
 
-def load_rows(shard: Any, limit: int, batch_size: int) -> list[dict[str, np.ndarray]]:
-    """The first ``limit`` rows of a shard, in batches of ``batch_size`` (for validation)."""
+def held_out_batches(dataset: Any, limit: int, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """The first ``limit`` rows of ``dataset`` in order, in batches of ``batch_size``: the crops
+    every validation of a run reads. Run as a Ray task (``held_out.remote``)."""
+    quiet()
+    dataset.context.enable_progress_bars = False
     out, count = [], 0
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        batch = {k: v[: limit - count] for k, v in batch.items()}
+    for batch in dataset.limit(limit).iter_batches(batch_size=batch_size, batch_format="numpy"):
         out.append(batch)
         count += len(batch["position"])
         if count >= limit:
             break
     return out
+
+
+held_out = ray.remote(num_cpus=0)(held_out_batches)

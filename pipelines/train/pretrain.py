@@ -37,7 +37,7 @@ from pipelines.train.config import HASH_EXCLUDE, PretrainConfig
 from pipelines.train.core import Schedule, StartingWeights, WorkerJob
 from pipelines.train.launch import fit, open_run
 from pipelines.train.metrics import section
-from pipelines.train.mlm import MaskedLMSpec
+from pipelines.train.mlm import MaskedLMSpec, held_out
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,8 @@ def run_pretraining(
             stream_crops=t.steps * t.crops_per_step,
             eval_crops=eval_crops,
             eval_batch_size=cfg.eval.batch_size,
+            # The first eval_crops crops of the held-out split, the same at every validation.
+            validation=held_out.remote(validation, eval_crops, cfg.eval.batch_size),
             prefetch_batches=t.prefetch_batches,
             buffer_mb=t.data_buffer_mb,
             start=start,
@@ -133,9 +135,7 @@ def run_pretraining(
     try:
         result = fit(
             job,
-            # The first eval_crops crops of the held-out split: the same at every validation,
-            # read whole by every worker. The training stream is the task's own (CropFeed).
-            datasets={"validation": validation.limit(eval_crops)},
+            datasets={},  # the task reads its own: the stream (CropFeed) and held-out crops
             keep=cfg.checkpoint.keep,
             max_failures=cfg.run.max_failures,
         )
