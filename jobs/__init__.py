@@ -21,11 +21,15 @@ def start_ray(**options: Any) -> None:
     last recorded). ``RAY_ADDRESS=auto`` joins that one on purpose."""
     import ray
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    from pipelines.console import quiet, ray_logging
+
+    quiet()  # Ray Data's bars and execution notes, the libraries' INFO lines: in the logs only
     if ray.is_initialized():
         return
+    options.setdefault("logging_config", ray_logging())
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **options)
     else:
         ray.init(address="local", include_dashboard=False, **options)
+    quiet()  # ray.init configured the loggers again

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from perceiver_core.config import PerceiverConfig
+
+if TYPE_CHECKING:  # the analytic half runs without torch (the data half imports it)
+    import torch
 
 
 @dataclass(frozen=True)
@@ -106,13 +108,17 @@ GPU_PEAK_FLOPS = {
 
 def measured_matmul_flops(
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     n: int = 1024,
     seconds: float = 0.5,
 ) -> float:
-    """FLOP/s of an ``n x n`` matmul in ``dtype`` on ``device`` with this process's threads: the
-    machine's practical peak, which a model's smaller matmuls do not exceed."""
+    """FLOP/s of an ``n x n`` matmul in ``dtype`` (default fp32) on ``device`` with this
+    process's threads: the machine's practical peak, which a model's smaller matmuls do not
+    exceed."""
+    import torch
+
     device = torch.device(device)
+    dtype = dtype or torch.float32
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     torch.matmul(a, b)  # kernel selection, allocation
@@ -127,11 +133,14 @@ def measured_matmul_flops(
     return 2 * n**3 * calls / (time.perf_counter() - start)
 
 
-def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32) -> float:
+def peak_flops(device: torch.device | str, dtype: torch.dtype | None = None) -> float:
     """The MFU denominator for one worker: a known GPU's data-sheet peak (bf16/fp16 dense; half of
     it for fp32, which runs on TF32 tensor cores at half the rate), otherwise the measured matmul
-    rate in ``dtype``."""
+    rate in ``dtype`` (default fp32)."""
+    import torch
+
     device = torch.device(device)
+    dtype = dtype or torch.float32
     if device.type == "cuda":
         known = gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
         return known or measured_matmul_flops(device, dtype, n=8192, seconds=1.0)
@@ -140,6 +149,8 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32) -
 
 def gpu_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
     """The data-sheet peak of the GPU named ``device_name`` in ``dtype``, if it is known."""
+    import torch
+
     for model in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):
         if model in device_name:
             return GPU_PEAK_FLOPS[model] / (2 if dtype == torch.float32 else 1)
@@ -147,5 +158,7 @@ def gpu_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
 
 
 def _synchronize(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -31,6 +31,7 @@ from torch import nn
 from perceiver_core.flops import peak_flops
 from perceiver_core.hf import save_pretrained
 from perceiver_core.task_metrics import TaskMetric
+from pipelines.console import captured_stdout, quiet
 from pipelines.tracking.config import TrackingConfig
 from pipelines.tracking.models import resolve_model
 from pipelines.tracking.registry import Lineage
@@ -164,6 +165,7 @@ class Progress:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: ``TorchTrainer(train_loop_per_worker, {"job": WorkerJob})``."""
     log_to_console()
+    quiet()
     context = ray.train.get_context()
     Trainer(config["job"], context.get_world_rank(), context.get_world_size()).run()
 
@@ -188,16 +190,17 @@ class Trainer:
         _seed(job.seed)  # the same initial weights on every rank
         model = self.task.build_model()
         _seed(job.seed + 1 + rank)  # a different dropout stream per rank
-        self.engine, precision = build_engine(
-            model,
-            job.engine,
-            job.optimizer,
-            micro_batch_size=self.micro,
-            grad_accum_steps=self.accum,
-            world_size=world_size,
-            total_steps=self.total,
-            rank=rank,
-        )
+        with captured_stdout(log):  # DeepSpeed prints as it builds its communication ops
+            self.engine, precision = build_engine(
+                model,
+                job.engine,
+                job.optimizer,
+                micro_batch_size=self.micro,
+                grad_accum_steps=self.accum,
+                world_size=world_size,
+                total_steps=self.total,
+                rank=rank,
+            )
         # The MFU denominator, on the rank that logs: configured, or measured here in the run's
         # precision (half a second) or known for the GPU.
         self.peak_flops = job.engine.peak_flops_per_worker
@@ -220,8 +223,10 @@ class Trainer:
         self.sink: MetricsSink = build_sink(rank, self._make_sink)
         self.interval = Interval(self.engine.device)
         log.info(
-            "rank %d: %s engine ready (%s, %d threads, %d x %d per step) in %.1f s, at step %d/%d",
+            "rank %d/%d: %s engine ready (%s, %d threads, %d x %d per step) in %.1f s, at step "
+            "%d/%d",
             rank,
+            world_size,
             job.engine.strategy,
             precision,
             torch.get_num_threads(),

@@ -18,6 +18,7 @@ from ray.data import ExecutionOptions
 from ray.train.torch import TorchTrainer
 
 from pipelines.config import to_dict, to_yaml
+from pipelines.console import train_logging
 from pipelines.data.readers import DataError
 from pipelines.tracking import registry, runs
 from pipelines.tracking.config import TrackingConfig
@@ -120,6 +121,7 @@ def fit(
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
             worker_runtime_env={"env_vars": worker_env(job.tracking)},
+            logging_config=train_logging(),
         ),
         datasets=dict(datasets),
         dataset_config=ray.train.DataConfig(
