@@ -14,7 +14,6 @@ when it exists, else the Hugging Face Hub.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -107,7 +106,6 @@ def summary(result: PipelineResult, cfg: PipelineConfig) -> str:
         )
     else:
         lines.append(f"MLflow: {uri}")
-    lines.append(json.dumps({n: s.outputs for n, s in result.stages.items()}, default=str))
     return "\n".join(lines)
 
 

@@ -89,6 +89,9 @@ class StageReturn:
 
 def execute_stage(task: StageTask, upstream: tuple[str, ...], *values: StageReturn) -> StageReturn:
     """The body of a stage's Ray task; ``values`` are the results of the ``upstream`` stages."""
+    from pipelines.console import quiet
+
+    quiet()
     ctx = task.ctx
     client = ctx.mlflow_client()
     client.update_run(ctx.run_id, status="RUNNING")
