@@ -3,7 +3,7 @@ PYTHON ?= python3
 # The CPU build of torch, pinned: an unpinned torch pulls the newest CUDA build (gigabytes).
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint unit bench-model bench-tokenizer bench-data bench-train bench-finetune bench-s3
+.PHONY: install demo test lint unit bench-model bench-gpu bench-tokenizer bench-data bench-train bench-finetune bench-s3
 
 install:
 	$(PYTHON) -m pip install --quiet $(TORCH)
@@ -28,6 +28,9 @@ unit:
 
 bench-model:
 	$(PYTHON) benchmarks/model_throughput.py
+
+bench-gpu:
+	$(PYTHON) benchmarks/gpu_check.py
 
 bench-tokenizer:
 	$(PYTHON) benchmarks/tokenizer_throughput.py

@@ -1,0 +1,35 @@
+"""The GPU check runs on CPU with the tiny preset, so that the script a GPU day depends on never
+rots: it must give one JSON line with parity, SDPA kernels and throughput (no speed is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from fixtures_train import REPO
+
+
+def test_gpu_check_runs_on_cpu_with_the_tiny_preset() -> None:
+    command = [
+        *(sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--preset", "tiny"),
+        *("--batch-sizes", "2", "--seq", "128", "--steps", "1", "--warmup", "1", "--no-compile"),
+    ]
+    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    parity = result["parity"]
+    assert parity["fp32_ok"] and parity["fp32_max_abs_diff"] <= 1e-4
+    assert parity["bf16_ok"] and parity["bf16_ours_vs_fp32_reference"] <= parity["bf16_tolerance"]
+    sdpa = result["sdpa"]
+    assert not sdpa["attend_uses_sdpa"]  # on CPU attend is the plain matmul path
+    for name in ("encoder_cross_attention", "latent_self_attention", "decoder_cross_attention"):
+        entry = sdpa[name]
+        assert entry["chosen"] in entry["accepted_by"]
+        # The widths differ in every attention of the tiny preset: the padded variant is the
+        # same function (up to bf16 rounding) and is timed.
+        assert entry["q"][-1] != entry["v"][-1]
+        assert entry["padded_max_abs_diff"] < 1e-2 and entry["padded_ms"] > 0
+    (run,) = result["throughput"]
+    assert set(run["bytes_per_s"]) == {"hf_fp32", "hf_bf16", "ours_bf16_decode_masked"}
+    assert run["speedup"] > 0 and 0 < run["ours_tflops"]
