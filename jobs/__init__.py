@@ -8,6 +8,7 @@ is set here, before any job module imports Ray.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 if not os.environ.get("RAY_ADDRESS"):
@@ -33,3 +34,16 @@ def start_ray(**options: Any) -> None:
     else:
         ray.init(address="local", include_dashboard=False, **options)
     quiet()  # ray.init configured the loggers again
+
+
+def report_user_error(error: BaseException) -> int:
+    """For a job's ``except``: a ``UserError`` anywhere in ``error``'s chain (Ray wraps what its
+    tasks and workers raise) becomes one line on stderr and exit code 2; anything else is a bug,
+    re-raised with its traceback."""
+    from pipelines.errors import first_line, user_error
+
+    found = user_error(error)
+    if found is None:
+        raise error
+    print(f"error: {first_line(found)}", file=sys.stderr)
+    return 2

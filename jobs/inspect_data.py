@@ -19,16 +19,21 @@ import logging
 import sys
 from pathlib import Path
 
-import yaml
-
-from jobs import start_ray
-from pipelines.config import ConfigError, add_config_arguments, apply_overrides, from_dict
+from jobs import report_user_error, start_ray
+from pipelines.config import (
+    ConfigError,
+    add_config_arguments,
+    apply_overrides,
+    from_dict,
+    read_yaml,
+)
 from pipelines.data.config import PretrainDataConfig
+from pipelines.data.index import check_sources
 from pipelines.data.inspect import inspect_report
 
 
 def load_data_config(path: Path | None, overrides: list[str]) -> PretrainDataConfig:
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {} if path else {}
+    data = read_yaml(path) if path else {}
     if isinstance(data, dict) and "data" in data and "sources" not in data:
         data = data["data"] or {}  # a run config: its data section
     return apply_overrides(from_dict(PretrainDataConfig, data), overrides)
@@ -55,10 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_files:
         cfg.sources = [dataclasses.replace(s, max_files=args.max_files) for s in cfg.sources]
 
-    start_ray(logging_level=logging.WARNING)
-    report = inspect_report(
-        cfg, split=args.split, start=args.start, show=args.crops, sample=args.sample
-    )
+    try:
+        check_sources(cfg)  # a missing or empty source, before Ray starts
+        start_ray(logging_level=logging.WARNING)
+        report = inspect_report(
+            cfg, split=args.split, start=args.start, show=args.crops, sample=args.sample
+        )
+    except Exception as error:
+        return report_user_error(error)
     print(report)
     return 0
 

@@ -14,12 +14,10 @@ import json
 import logging
 import sys
 
-from jobs import start_ray
+from jobs import report_user_error, start_ray
 from pipelines.config import ConfigError, add_config_arguments, config_from_args
-from pipelines.data.readers import DataError
-from pipelines.tracking.models import ModelSourceError
+from pipelines.data.index import check_sources
 from pipelines.train import PretrainConfig, run_pretraining
-from pipelines.train.checkpoint import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,12 +37,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # Ray Data's per-operator bars stay off (start_ray): redrawn from every worker into one log,
     # they would bury the training loop's step, rate and ETA.
-    start_ray()
     try:
+        check_sources(cfg.data)  # a missing or empty source, before Ray starts
+        start_ray()
         result = run_pretraining(cfg)
-    except (CheckpointError, DataError, ModelSourceError) as error:
-        print(f"error: {error}", file=sys.stderr)  # what to fix is in the message
-        return 2
+    except Exception as error:  # what to fix, in one line; anything else is re-raised
+        return report_user_error(error)
     summary = {
         "run_id": result.run_id,
         "steps": result.steps,

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from perceiver_core.config import PerceiverConfig
@@ -196,12 +198,38 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
         merged: dict[str, torch.Tensor] = {}
         for shard in shards:
-            merged.update(load_file(path.parent / shard))
+            merged.update(_load_safetensors(path.parent / shard))
         return merged
     if path.suffix == ".safetensors":
-        return load_file(path)
+        return _load_safetensors(path)
     # weights_only refuses arbitrary pickled objects: loading a checkpoint cannot run code.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message suggests weights_only=False, which would run whatever the file holds.
+        refused = re.search(r"GLOBAL (\S+)", str(error))
+        what = f" ({refused.group(1)})" if refused else ""
+        raise ValueError(
+            f"{path}: refused: it holds pickled objects other than tensors{what}; the file may be "
+            "malicious and was not loaded (convert weights you trust to model.safetensors)"
+        ) from None
+    except (RuntimeError, EOFError) as error:
+        raise ValueError(f"{path}: not a readable PyTorch weights file: {_first(error)}") from None
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({_first(error)}); a download may have been "
+            "cut short: fetch it again"
+        ) from None
+
+
+def _first(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _read_config(path: Path) -> tuple[PerceiverConfig, dict]:
@@ -221,6 +249,13 @@ def load_into(
     # The other task's decoder (a classifier checkpoint loaded as MLM, or the reverse) is dropped.
     if head_kind(state_dict) != head_kind(model.state_dict()):
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("decoder.")}
+    expected = model.state_dict()
+    for key, value in state_dict.items():
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"weights do not fit the config: {key} is {tuple(value.shape)} in the checkpoint, "
+                f"{tuple(expected[key].shape)} in the model its config.json describes"
+            )
     result = model.load_state_dict(state_dict, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"checkpoint has parameters the model lacks: {result.unexpected_keys[:5]}")

@@ -35,13 +35,15 @@ from typing import Any, TypeVar
 
 import yaml
 
+from pipelines.errors import UserError
+
 T = TypeVar("T")
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that does not fit its schema; the message starts with the key's dotted path."""
 
 
@@ -303,15 +305,22 @@ def _parse_value(raw: str, tp: Any) -> Any:
 # -------------------------------------------------------------------------------------------------
 
 
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's data ({} when empty); a syntax error is a ``ConfigError`` naming the file,
+    line and column in one line."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML: {where}{problem}") from error
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """``cls`` from a YAML file (or its defaults when ``path`` is None) plus ``KEY=VALUE`` overrides."""
-    data: Any = {}
-    if path is not None:
-        text = Path(path).read_text(encoding="utf-8")
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    data = read_yaml(path) if path is not None else {}
     cfg = from_dict(cls, data)
     return apply_overrides(cfg, overrides) if overrides else cfg
 

@@ -23,7 +23,6 @@ from typing import Any
 # Loggers whose INFO lines are the libraries' bookkeeping; their warnings and errors still show.
 _WARNING_AND_UP = (
     "ray",
-    "ray.data",
     "ray.train",
     "ray.tune",
     "DeepSpeed",
@@ -33,6 +32,9 @@ _WARNING_AND_UP = (
     "torch.distributed",
     "filelock",
 )
+# Ray Data logs a failed task's error with its traceback before raising it; the job prints the
+# error itself (one line when it is the user's: ``pipelines.errors``). Ray Data's log file keeps all.
+_CRITICAL_ONLY = ("ray.data",)
 # Loggers whose warnings are about things a user of this project cannot act on (model cards and
 # licences of models we write ourselves, transformers' advisory notes).
 _ERROR_AND_UP = (
@@ -61,6 +63,8 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in _ERROR_AND_UP:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name in _CRITICAL_ONLY:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     # The root logger at WARNING drops what libraries log through it at INFO: in a Ray Train
     # worker that is every ``print`` (Ray Train routes them there) and Ray Train's own reports.
     # The project's lines stay INFO: their logger says so, and they still reach the root's
@@ -73,6 +77,9 @@ def quiet() -> None:
     with contextlib.suppress(ImportError):
         import ray.data
 
+        from pipelines.errors import surface_user_errors
+
+        surface_user_errors()  # not noise, but wanted in the same processes
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False

@@ -7,7 +7,7 @@ import pytest
 
 from pipelines.data.config import MixtureConfig
 from pipelines.data.index import DataIndex, SourceIndex
-from pipelines.data.mixture import Schedule, plan
+from pipelines.data.mixture import EmptySourceError, Schedule, plan
 from pipelines.data.sources import FileRef
 
 
@@ -146,5 +146,5 @@ def test_shuffled_unit_order_is_stable_and_differs_per_pass():
 
 def test_source_without_crops_is_an_error():
     index = synthetic_index([[10], [0, 0]])
-    with pytest.raises(ValueError, match="s1"):
+    with pytest.raises(EmptySourceError, match="source 's1' has no train crops"):
         plan(index, "train", [0.5, 0.5], MixtureConfig())

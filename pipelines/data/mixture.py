@@ -39,6 +39,7 @@ import numpy as np
 
 from pipelines.data.config import MAX_POSITION, MixtureConfig
 from pipelines.data.index import DataIndex
+from pipelines.data.readers import DataError
 
 _QUANTUM_SCALE = 1 << 16  # weight resolution: 1 / 65536
 
@@ -94,6 +95,10 @@ class Schedule:
         return lo - 1
 
 
+class EmptySourceError(DataError):
+    """A source that gives no crops (its files empty, or all skipped)."""
+
+
 @dataclass(frozen=True)
 class Segment:
     """Crops [lo, hi) of one unit (``file``, parquet row group ``unit`` or -1) in pass ``epoch``."""
@@ -140,7 +145,11 @@ class _SourceUnits:
         )
         self.total = int(self.crops.sum())
         if self.total == 0:
-            raise ValueError(f"source {s.name!r} has no {split} crops (all files empty or skipped)")
+            raise EmptySourceError(
+                f"source {s.name!r} has no {split} crops: every file of it is empty or was "
+                f"skipped as unreadable (data.read.on_bad_file: skip); {len(s.files)} file(s), "
+                f"first {s.files[0].url if s.files else 'none'}"
+            )
         self.source, self.cfg = source, cfg
         self._keys = [
             f"{s.files[f].relpath}\0{u}" for f, u in zip(self.files, self.units, strict=True)

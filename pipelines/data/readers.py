@@ -30,13 +30,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.data.sources import FileRef, open_binary
+from pipelines.errors import UserError
 
 WHOLE_FILE = -1  # unit id of formats that are read whole (JSON lines, text)
 _PARQUET_MAGIC = b"PAR1"
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A problem with input data; the message names the file (and column where relevant)."""
 
 
@@ -160,7 +161,8 @@ def _check_columns(url: str, available: Sequence[str], columns: Sequence[str]) -
     for column in columns:
         if column not in available:
             raise MissingColumnError(
-                f"{url} has no column {column!r} (columns: {', '.join(available) or 'none'})"
+                f"{url} has no column {column!r} (its columns: {', '.join(available) or 'none'}; "
+                "name the right one in the config)"
             )
 
 

@@ -26,6 +26,8 @@ import fsspec
 import pyarrow.fs
 from fsspec.implementations.arrow import ArrowFSWrapper
 
+from pipelines.errors import UserError
+
 Format = Literal["auto", "parquet", "json", "text"]
 
 HUB_PREFIX = "hf://datasets/"
@@ -195,6 +197,10 @@ def detect_format(relpath: str, declared: str = "auto") -> str:
     return fmt
 
 
+class NoDataFilesError(UserError, FileNotFoundError):
+    """A source whose path, folder or glob holds no data file."""
+
+
 def list_files(
     path: str,
     *,
@@ -223,7 +229,11 @@ def list_files(
         if found:
             break
     if not found:
-        raise FileNotFoundError(f"no files match {' or '.join(map(repr, tried))} (root {root!r})")
+        raise NoDataFilesError(
+            f"{path}: no data files: nothing matches {' or '.join(map(repr, tried))} (a folder "
+            "is read for .parquet, .json/.jsonl/.ndjson and .txt files, each optionally .gz; "
+            "set files: or format: for other names)"
+        )
     base = root_path if patterns else _glob_base(root_path)
     refs = []
     for p in sorted(found):

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from pipelines.errors import UserError
 from pipelines.tracking.registry import RegisteredModel
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ _CHECKPOINT = re.compile(r"^checkpoint_(\d+)$")
 _HF_SUBDIR = "hf"  # the layout of pipelines.train.checkpoint (a layer above: not imported)
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserError, ValueError):
     """The source does not name a usable model: missing, not a Perceiver, or the wrong kind."""
 
 

@@ -48,6 +48,8 @@ import numpy as np
 import ray.train
 import torch
 
+from pipelines.errors import UserError
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
@@ -59,7 +61,7 @@ INTEGRITY_DIR = "integrity"
 KEY_ENV = "PERCEIVER_CHECKPOINT_KEY"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed from; the message names the file."""
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.data.finetune import FinetuneDataConfig
+from pipelines.errors import UserError
 from pipelines.workflow.spec import NoInputs, PipelineConfig, StageContext, StageKind
 
 
@@ -281,7 +282,7 @@ def showcase(ctx: StageContext, params: ShowcaseParams, inputs: NoInputs) -> Sho
     )
 
 
-class DataUnavailable(RuntimeError):
+class DataUnavailable(UserError, RuntimeError):
     """Neither a local copy of the data nor the Hugging Face Hub is reachable."""
 
 
