@@ -14,9 +14,8 @@ import json
 import logging
 import sys
 
-from jobs import start_ray
+from jobs import report_user_error, start_ray
 from pipelines.config import ConfigError, add_config_arguments, config_from_args
-from pipelines.data.readers import DataError
 from pipelines.train.finetune_config import FinetuneConfig
 from pipelines.workflow.recipe import run_finetune
 
@@ -36,18 +35,16 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
-    from pipelines.tracking.models import ModelSourceError
     from pipelines.workflow import PipelineError
 
-    start_ray()
     try:
+        start_ray()
         result = run_finetune(cfg)
-    except (ModelSourceError, DataError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)  # checked before any training started
-        return 2
-    except PipelineError as error:
+    except PipelineError as error:  # a stage failed: the error names it
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except Exception as error:  # what to fix, in one line; anything else is re-raised
+        return report_user_error(error)
     summary = {
         "run_id": result.run_id,
         result.metric: result.score,
