@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures_train import free_port
 
 from pipelines.tracking import registry
 from pipelines.tracking.models import ModelSourceError, load_model, resolve_model
@@ -260,29 +261,110 @@ def test_a_transformers_saved_directory_loads(tmp_path: Path) -> None:
     assert_same_weights(loaded.model, saved)
 
 
-def test_a_hub_id_is_found_in_the_local_hub_cache(tiny: TinyModels, tmp_path: Path) -> None:
-    """A model downloaded earlier with huggingface_hub loads by its Hub id, offline."""
+_RESOLVE_EACH = r"""
+import json, sys
+from pipelines.tracking.models import ModelSourceError, resolve_model
+for source in sys.argv[1:]:
+    try:
+        r = resolve_model(source)
+        print(json.dumps([source, "ok", r.kind, str(r.hf_dir)]))
+    except ModelSourceError as error:
+        print(json.dumps([source, "error", str(error)]))
+"""
+
+
+def resolve_each(sources: list[str], **env: str) -> dict[str, list[str]]:
+    """``resolve_model`` of each source in a fresh process (huggingface_hub reads its settings
+    from the environment when it is imported): ``[status, kind, folder]`` or ``[status, error]``."""
     import subprocess
     import sys
 
     from fixtures_train import REPO
 
-    snapshot = tmp_path / "hub" / "models--example-org--tiny-perceiver" / "snapshots" / "abc123"
-    shutil.copytree(tiny.mlm_dir, snapshot)
-    (snapshot.parents[1] / "refs").mkdir()
-    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
-    code = (
-        "from pipelines.tracking.models import resolve_model;"
-        "r = resolve_model('example-org/tiny-perceiver');"
-        "print(r.kind, r.hf_dir)"
-    )
-    # huggingface_hub reads HF_HUB_CACHE when it is imported: hence a process of its own.
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True
+        [sys.executable, "-c", _RESOLVE_EACH, *sources],
+        cwd=REPO,
+        env={**environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["mlm", str(snapshot)]
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("[")]
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_a_hub_id_is_downloaded_from_the_hub_and_then_found_offline(
+    tiny: TinyModels, tmp_path: Path
+) -> None:
+    """Hub ids (``org/name``, ``@revision``, ``hf://``) download through huggingface_hub from a
+    Hub on 127.0.0.1 (``HF_ENDPOINT``) into ``HF_HOME``; every way that fails is one line."""
+    from hub_server import FakeHub, HubRepo
+
+    from perceiver_core.hf import load_state_dict
+
+    bin_only = tmp_path / "bin-only"
+    shutil.copytree(tiny.mlm_dir, bin_only)
+    torch.save(load_state_dict(bin_only / "model.safetensors"), bin_only / "pytorch_model.bin")
+    (bin_only / "model.safetensors").unlink()
+    not_a_model = tmp_path / "no-config"
+    not_a_model.mkdir()
+    repos = {
+        "org/tiny": HubRepo(tiny.mlm_dir, {"main": "a" * 40, "v1": "b" * 40}),
+        "org/cls": HubRepo(tiny.cls_dir),
+        "org/gated": HubRepo(tiny.mlm_dir, gated=True),
+        "org/bin-only": HubRepo(bin_only),
+        "org/no-config": HubRepo(not_a_model),
+    }
+    home = tmp_path / "hf-home"
+    with FakeHub(repos) as hub:
+        got = resolve_each(
+            [
+                *("org/tiny", "org/tiny@v1", "hf://org/cls", "org/bin-only"),
+                *("org/tiny@nope", "org/missing", "org/gated", "org/no-config"),
+            ],
+            HF_ENDPOINT=hub.url,
+            HF_HOME=str(home),
+        )
+    snapshots = home / "hub" / "models--org--tiny" / "snapshots"
+    assert got["org/tiny"] == ["ok", "mlm", str(snapshots / ("a" * 40))]
+    assert got["org/tiny@v1"] == ["ok", "mlm", str(snapshots / ("b" * 40))]
+    assert got["hf://org/cls"][:2] == ["ok", "classifier"]
+    assert got["org/bin-only"][:2] == ["ok", "mlm"]  # weights_only: plain tensors load
+    assert_same_weights(_mlm(got["org/bin-only"][2]), tiny.mlm_dir)
+    errors = {k: v[1] for k, v in got.items() if v[0] == "error"}
+    assert errors == {
+        "org/tiny@nope": "org/tiny@nope: the Hub repository has no revision nope",
+        "org/missing": f"org/missing: no such folder, and no such model repository on {hub.url} "
+        "(a private one needs HF_TOKEN)",
+        "org/gated": f"org/gated: a gated repository on {hub.url}: accept its conditions on the "
+        "Hub and set HF_TOKEN (or run huggingface-cli login)",
+        "org/no-config": "org/no-config: the Hub repository has no config.json: not a model",
+    }
+    # With a token the gated repository downloads; offline, what was downloaded is found and
+    # what was not is one line; an unreachable endpoint says so.
+    with FakeHub(repos) as hub:
+        gated = resolve_each(["org/gated"], HF_ENDPOINT=hub.url, HF_HOME=str(home), HF_TOKEN="t")
+    assert gated["org/gated"][:2] == ["ok", "mlm"]
+    offline = resolve_each(["org/tiny", "org/other"], HF_HOME=str(home), HF_HUB_OFFLINE="1")
+    assert offline["org/tiny"] == ["ok", "mlm", str(snapshots / ("a" * 40))]
+    assert offline["org/other"] == [
+        "error",
+        f"org/other: HF_HUB_OFFLINE is set and the model is not in the local Hub cache "
+        f"({home / 'hub'}); download it where the Hub is reachable (huggingface-cli download "
+        "org/other) or pass a local folder",
+    ]
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    unreachable = resolve_each(["org/other"], HF_ENDPOINT=nowhere, HF_HOME=str(home))
+    assert unreachable["org/other"][1].startswith(f"org/other: {nowhere} is not reachable and")
+
+
+def _mlm(folder: str) -> torch.nn.Module:
+    from perceiver_core.hf import from_pretrained
+    from perceiver_core.model import PerceiverForMaskedLM
+
+    return from_pretrained(PerceiverForMaskedLM, folder, strict=True)
 
 
 def test_tracking_uri_defaults_to_the_environment(
@@ -321,8 +403,6 @@ ERRORS = {
     "missing-run-uri": (lambda t, _: f"runs:/{'0' * 32}/model", "no MLflow run"),
     "missing-run-model": (lambda t, _: f"runs:/{t.cls_run}/nothing", "has no model named"),
     "missing-folder": (lambda t, root: str(root / "absent"), "no such folder"),
-    "hub-id": (lambda t, _: "example-org/no-such-perceiver", "not reachable from here (offline)"),
-    "hub-uri": (lambda t, _: "hf://example-org/no-such-perceiver", "is not in the local Hub cache"),
     "empty-folder": (lambda t, root: str(root), "is not a model folder"),
     "bert": (lambda t, root: not_a_model(root), "is not a Perceiver model"),
 }

@@ -9,8 +9,9 @@ Sources, in the order they are tried:
 - a local folder: a Hugging Face format directory (``config.json`` + weights), a training
   checkpoint holding ``hf/``, a Ray Train run folder (the newest ``checkpoint_*`` with ``hf/``),
   or a downloaded MLflow model (``MLmodel`` + ``model/``);
-- a Hugging Face Hub id (``deepmind/language-perceiver``, ``hf://...``): only from the local Hub
-  cache, since the Hub is not reachable offline.
+- a Hugging Face Hub id (``deepmind/language-perceiver``, ``hf://...``, optionally ``@revision``):
+  downloaded through huggingface_hub into its cache (or found there, offline), its config and
+  weights only.
 
 MLflow models are downloaded once into a cache keyed by the logged model's id (ids are unique and
 logged models immutable), so loading the same 800 MB model again costs nothing. Inside a model
@@ -55,7 +56,7 @@ ARCHITECTURES: dict[str, ModelKind] = {
 _KIND_WORDS = {"mlm": "a masked-language model", "classifier": "a classifier"}
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _LOGGED_MODEL = re.compile(r"^models:/(m-[0-9a-f]+)$")  # not models:/m-name@alias or /1
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _CHECKPOINT = re.compile(r"^checkpoint_(\d+)$")
 _HF_SUBDIR = "hf"  # the layout of pipelines.train.checkpoint (a layer above: not imported)
 
@@ -184,15 +185,8 @@ def _local_source(source: str) -> tuple[Path, str | None]:
         return _hf_dir_in(source, path)
     hub_id = hub_id or (source if _HUB_ID.match(source) else None)
     if hub_id is not None:
-        cached = _hub_cache(hub_id)
-        if cached is not None:
-            return cached, None
-        raise ModelSourceError(
-            f"{source}: no such local folder, and it looks like a Hugging Face Hub id, but the "
-            "Hub is not reachable from here (offline) and the model is not in the local Hub "
-            f"cache; download it elsewhere (huggingface-cli download {hub_id} --local-dir DIR) "
-            "and pass DIR"
-        )
+        repo, _, revision = hub_id.partition("@")
+        return _hub_download(source, repo, revision or None), None
     raise ModelSourceError(
         f"{source}: no such folder, and not a models:/ or runs:/ URI or an MLflow run id"
     )
@@ -229,17 +223,71 @@ def _checkpoint_run_id(checkpoint: Path) -> str | None:
         return None
 
 
-def _hub_cache(hub_id: str) -> Path | None:
-    """The snapshot folder of ``hub_id`` in the local Hub cache, if its config is there."""
+# Weights in the order they are looked for; the first the repository has is downloaded.
+_HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def _hub_download(source: str, repo: str, revision: str | None) -> Path:
+    """The snapshot folder of a Hub model (config.json and its weights), downloaded through
+    huggingface_hub into its cache, or found there: ``HF_HOME`` / ``HF_HUB_CACHE``,
+    ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` and the token (``HF_TOKEN`` or a login) all apply."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{constants.ENDPOINT}"
+    at = f" at revision {revision}" if revision else ""
+
+    def fetch(filename: str) -> Path:
+        return Path(hf_hub_download(repo, filename, revision=revision))
+
     try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    try:
-        found = try_to_load_from_cache(hub_id, "config.json")
-    except ValueError:  # not a valid repo id after all
-        return None
-    return Path(found).parent if isinstance(found, str) else None
+        folder = fetch("config.json").parent
+        for weights in _HUB_WEIGHTS:
+            try:
+                fetch(weights)
+                break
+            except LocalEntryNotFoundError:  # offline, not cached: an EntryNotFoundError too
+                raise
+            except EntryNotFoundError:
+                continue
+        else:
+            raise ModelSourceError(
+                f"{source}: the Hub repository has no weights ({' or '.join(_HUB_WEIGHTS)}){at}"
+            )
+    except LocalEntryNotFoundError:  # before EntryNotFoundError, which it extends
+        offline = (
+            "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{where} is not reachable"
+        )
+        raise ModelSourceError(
+            f"{source}: {offline} and the model is not in the local Hub cache "
+            f"({constants.HF_HUB_CACHE}); download it where the Hub is reachable "
+            f"(huggingface-cli download {repo}) or pass a local folder"
+        ) from None
+    except GatedRepoError:  # before RepositoryNotFoundError, which it extends
+        raise ModelSourceError(
+            f"{source}: a gated repository on {where}: accept its conditions on the Hub and set "
+            "HF_TOKEN (or run huggingface-cli login)"
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelSourceError(f"{source}: the Hub repository has no revision {revision}") from None
+    except RepositoryNotFoundError:
+        raise ModelSourceError(
+            f"{source}: no such folder, and no such model repository on {where} (a private one "
+            "needs HF_TOKEN)"
+        ) from None
+    except EntryNotFoundError:
+        raise ModelSourceError(
+            f"{source}: the Hub repository has no config.json{at}: not a model"
+        ) from None
+    except ValueError as error:  # huggingface_hub's check of the repo id
+        raise ModelSourceError(f"{source}: not a Hub model id: {error}") from None
+    return folder
 
 
 def _inner_hf_dir(source: str, model_dir: Path) -> Path:
