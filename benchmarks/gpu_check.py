@@ -46,13 +46,13 @@ import transformers
 # A bare GPU machine has a copy of the repository and no installation of it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model_throughput import make_batches, time_training
+from model_throughput import hf_loss, make_batches, model_builders, ours_loss, time_training
 
 import perceiver_core.model as perceiver_model
 from perceiver_core import hf
 from perceiver_core.config import PerceiverConfig, get_preset
 from perceiver_core.flops import measured_matmul_flops, step_flops
-from perceiver_core.model import PerceiverForMaskedLM, compile_blocks
+from perceiver_core.model import PerceiverForMaskedLM
 
 FP32_TOLERANCE = 1e-4
 # bf16 keeps 8 significant bits; after a few dozen layers either side's logits move by a few tenths
@@ -282,34 +282,20 @@ def throughput(
     masked = int(max((b[2] != -100).sum(dim=1).max() for b in batches))
     torch.manual_seed(0)
     initial = PerceiverForMaskedLM(config).state_dict()
-    hf_config = transformers.PerceiverConfig(**hf.config_to_hf(config, "PerceiverForMaskedLM"))
-
-    def transformers_model() -> torch.nn.Module:
-        model = transformers.PerceiverForMaskedLM(hf_config)
-        model.load_state_dict(hf.ours_to_hf(initial), strict=True)
-        return model.to(device)
-
-    def ours_model(compiled: bool) -> torch.nn.Module:
-        model = PerceiverForMaskedLM(config)
-        model.load_state_dict(initial)
-        model.to(device)
-        if compiled:
-            compile_blocks(model)
-        return model
-
-    def hf_loss(model, b):
-        return model(inputs=b[0], attention_mask=b[1], labels=b[2]).loss
-
-    def ours_loss(model, b):
-        return model(b[0], b[1], b[2], decode="masked").loss
+    transformers_model, ours_model = model_builders(config, initial, device)
+    masked_loss = ours_loss("masked")
 
     settings: dict[str, tuple[Callable[[], torch.nn.Module], Callable, bool]] = {
         "hf_fp32": (transformers_model, hf_loss, False),
         "hf_bf16": (transformers_model, hf_loss, True),
-        "ours_bf16_decode_masked": (lambda: ours_model(False), ours_loss, True),
+        "ours_bf16_decode_masked": (lambda: ours_model(False), masked_loss, True),
     }
     if compile_ours:
-        settings["ours_bf16_decode_masked_compiled"] = (lambda: ours_model(True), ours_loss, True)
+        settings["ours_bf16_decode_masked_compiled"] = (
+            lambda: ours_model(True),
+            masked_loss,
+            True,
+        )
     seconds: dict[str, float] = {}
     memory: dict[str, float] = {}
     failures: dict[str, str] = {}

@@ -85,6 +85,37 @@ def time_training(
     return (time.perf_counter() - start) / (len(batches) - warmup)
 
 
+def model_builders(
+    config: PerceiverConfig, initial: dict[str, torch.Tensor], device: torch.device | str = "cpu"
+) -> tuple[Callable[[], torch.nn.Module], Callable[..., torch.nn.Module]]:
+    """Builders of a fresh transformers model and a fresh one of ours (``compiled=True``: with
+    compiled blocks), both holding the weights ``initial`` (ours' names), on ``device``."""
+    hf_config = transformers.PerceiverConfig(**hf.config_to_hf(config, "PerceiverForMaskedLM"))
+
+    def fresh_hf() -> torch.nn.Module:
+        model = transformers.PerceiverForMaskedLM(hf_config)
+        model.load_state_dict(hf.ours_to_hf(initial), strict=True)
+        return model.to(device)
+
+    def fresh_ours(compiled: bool = False) -> torch.nn.Module:
+        model = PerceiverForMaskedLM(config)
+        model.load_state_dict(initial)
+        model.to(device)
+        if compiled:
+            compile_blocks(model)
+        return model
+
+    return fresh_hf, fresh_ours
+
+
+def hf_loss(model: torch.nn.Module, b: tuple) -> torch.Tensor:
+    return model(inputs=b[0], attention_mask=b[1], labels=b[2]).loss
+
+
+def ours_loss(decode: str) -> Callable[[torch.nn.Module, tuple], torch.Tensor]:
+    return lambda model, b: model(b[0], b[1], b[2], decode=decode).loss
+
+
 def bench_preset(name: str, batch: int, seq: int, steps: int, warmup: int) -> dict[str, object]:
     config = get_preset(name, attention_probs_dropout_prob=0.0)
     seq = min(seq, config.max_position_embeddings)
@@ -93,25 +124,7 @@ def bench_preset(name: str, batch: int, seq: int, steps: int, warmup: int) -> di
     torch.manual_seed(0)
     ours = PerceiverForMaskedLM(config)
     initial = {k: v.clone() for k, v in ours.state_dict().items()}
-    hf_config = transformers.PerceiverConfig(**hf.config_to_hf(config, "PerceiverForMaskedLM"))
-
-    def fresh_hf() -> torch.nn.Module:
-        model = transformers.PerceiverForMaskedLM(hf_config)
-        model.load_state_dict(hf.ours_to_hf(initial), strict=True)
-        return model
-
-    def fresh_ours(compiled: bool = False) -> PerceiverForMaskedLM:
-        model = PerceiverForMaskedLM(config)
-        model.load_state_dict(initial)
-        if compiled:
-            compile_blocks(model)
-        return model
-
-    def hf_loss(model, b):
-        return model(inputs=b[0], attention_mask=b[1], labels=b[2]).loss
-
-    def ours_loss(decode: str):
-        return lambda model, b: model(b[0], b[1], b[2], decode=decode).loss
+    fresh_hf, fresh_ours = model_builders(config, initial)
 
     def fresh_hf_compiled() -> torch.nn.Module:
         # The same treatment as ours: torch.compile on each attention block.
