@@ -28,7 +28,7 @@ from pipelines.config import (
     read_yaml,
 )
 from pipelines.data.config import PretrainDataConfig
-from pipelines.data.index import check_sources
+from pipelines.data.index import list_source_files
 from pipelines.data.inspect import inspect_report
 
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.sources = [dataclasses.replace(s, max_files=args.max_files) for s in cfg.sources]
 
     try:
-        check_sources(cfg)  # a missing or empty source, before Ray starts
+        list_source_files(cfg)  # a missing or empty source fails here, before Ray starts
         start_ray(logging_level=logging.WARNING)
         report = inspect_report(
             cfg, split=args.split, start=args.start, show=args.crops, sample=args.sample

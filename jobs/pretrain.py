@@ -16,7 +16,7 @@ import sys
 
 from jobs import report_user_error, start_ray
 from pipelines.config import ConfigError, add_config_arguments, config_from_args
-from pipelines.data.index import check_sources
+from pipelines.data.index import list_source_files
 from pipelines.train import PretrainConfig, run_pretraining
 
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ray Data's per-operator bars stay off (start_ray): redrawn from every worker into one log,
     # they would bury the training loop's step, rate and ETA.
     try:
-        check_sources(cfg.data)  # a missing or empty source, before Ray starts
+        list_source_files(cfg.data)  # a missing or empty source fails here, before Ray starts
         start_ray()
         result = run_pretraining(cfg)
     except Exception as error:  # what to fix, in one line; anything else is re-raised

@@ -228,12 +228,6 @@ def _index_batch(batch: dict[str, np.ndarray], ctx: IndexContext) -> dict[str, l
     return {"record": out}
 
 
-def check_sources(cfg: PretrainDataConfig) -> None:
-    """Every source lists at least one data file (no file is opened): the check a job makes
-    before it starts Ray, so that a missing folder or an empty glob is one line at once."""
-    list_source_files(cfg)
-
-
 def list_source_files(cfg: PretrainDataConfig) -> list[list[FileRef]]:
     """Sorted files of each source (listing only)."""
     return [

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pipelines.errors import UserError
+from pipelines.errors import UserError, first_line
 from pipelines.tracking.registry import RegisteredModel
 
 if TYPE_CHECKING:
@@ -351,7 +351,7 @@ class _MlflowSource:
             if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise ModelSourceError(f"{self.source}: {missing}") from error
             raise ModelSourceError(
-                f"{self.source}: MLflow at {self.uri} failed: {_first_line(error)}"
+                f"{self.source}: MLflow at {self.uri} failed: {first_line(error)[:300]}"
             ) from error
         except FileNotFoundError as error:  # a local artifact store without the files
             raise ModelSourceError(f"{self.source}: {missing}") from error
@@ -485,8 +485,3 @@ def _newest(models: list[Any]) -> Any:
 
 def _uri_key(tracking_uri: str, artifact_uri: str) -> str:
     return "u-" + hashlib.sha256(f"{tracking_uri}\n{artifact_uri}".encode()).hexdigest()[:32]
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__

@@ -19,11 +19,9 @@ from ray.train.torch import TorchTrainer
 
 from pipelines.config import to_dict, to_yaml
 from pipelines.console import train_logging
-from pipelines.data.readers import DataError
+from pipelines.errors import user_error
 from pipelines.tracking import registry, runs
 from pipelines.tracking.config import TrackingConfig
-from pipelines.tracking.models import ModelSourceError
-from pipelines.train.checkpoint import CheckpointError
 from pipelines.train.core import WorkerJob, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -131,17 +129,7 @@ def fit(
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as error:
-        cause = worker_cause(error)
+        cause = user_error(error)  # the lowest failed rank's, when it names what to fix
         if cause is not None:
             raise cause from error
         raise
-
-
-def worker_cause(error: BaseException) -> BaseException | None:
-    """The error of the lowest failed rank, when it is one of ours that names what to fix."""
-    failures = getattr(error, "worker_failures", None) or {}
-    for _, failure in sorted(failures.items()):
-        for candidate in (failure, getattr(failure, "cause", None)):
-            if isinstance(candidate, CheckpointError | DataError | ModelSourceError):
-                return candidate
-    return None
