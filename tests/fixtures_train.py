@@ -227,8 +227,8 @@ def pretrained_run(ray_session, s3_data, mlflow_server, tmp_path_factory):
     bucket. ``(config, result, a local copy of the final checkpoint)``."""
     from fixtures_s3 import BUCKET
 
+    from pipelines import storage as run_storage
     from pipelines.train import run_pretraining
-    from pipelines.train import storage as run_storage
 
     storage = f"s3://{BUCKET}/runs"
     cfg = tiny_config(

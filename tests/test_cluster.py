@@ -30,7 +30,7 @@ from fixtures_cluster import LocalCluster, node_env
 from fixtures_s3 import BUCKET
 from fixtures_train import REPO, TINY_CONFIG
 
-from pipelines.train import storage
+from pipelines import storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 

@@ -16,8 +16,8 @@ from typing import Any
 from torch import nn
 
 from perceiver_core.hf import save_pretrained
+from pipelines import storage
 from pipelines.tracking.registry import Lineage, RegisteredModel, register_with_retry
-from pipelines.train import storage
 
 BEST_DIR = "best"
 BEST_POINTER = "BEST.json"

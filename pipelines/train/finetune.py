@@ -19,6 +19,7 @@ from perceiver_core.hf import config_from_hf
 from perceiver_core.masking import MaskingConfig
 from perceiver_core.packing import PackingConfig
 from perceiver_core.task_metrics import primary_metric
+from pipelines import storage
 from pipelines.config import config_hash
 from pipelines.data.config import MixtureConfig, PretrainDataConfig
 from pipelines.data.finetune import FinetuneDataConfig, finetune_dataset, finetune_files
@@ -26,7 +27,7 @@ from pipelines.data.sources import SourceConfig, files_digest
 from pipelines.data.units import SplitConfig
 from pipelines.tracking import registry, runs
 from pipelines.tracking.models import resolve_model
-from pipelines.train import export, storage
+from pipelines.train import export
 from pipelines.train.checkpoint import checkpoint_key
 from pipelines.train.classify import ClassifySpec
 from pipelines.train.config import (

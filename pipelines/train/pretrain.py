@@ -24,6 +24,7 @@ from typing import Any
 
 from perceiver_core.config import PerceiverConfig
 from perceiver_core.hf import config_from_hf
+from pipelines import storage
 from pipelines.config import config_hash
 from pipelines.data.config import PretrainDataConfig
 from pipelines.data.index import DataIndex, build_index
@@ -31,7 +32,7 @@ from pipelines.data.pretrain import plan_stream, pretraining_dataset
 from pipelines.data.sources import files_digest
 from pipelines.tracking import registry, runs
 from pipelines.tracking.models import resolve_model
-from pipelines.train import export, storage
+from pipelines.train import export
 from pipelines.train.checkpoint import HF_DIR, checkpoint_key
 from pipelines.train.config import HASH_EXCLUDE, PretrainConfig
 from pipelines.train.core import Schedule, StartingWeights, WorkerJob
