@@ -4,11 +4,18 @@
     python -m jobs.predict --model DIR --mask " missing." \\
         "This is an incomplete sentence where some words are missing."
     python -m jobs.predict --model models:/perceiver-mlm/3 "The capital of France is [MASK*5]."
+    python -m jobs.predict --model models:/perceiver-imdb@champion \
+        --input s3://bucket/reviews/ --output s3://bucket/scored/ --id-column review_id
 
 The model is any source ``pipelines.tracking.models.resolve_model`` takes (a registry URI, a run,
-a folder). Texts come from the arguments, else ``--file`` (one per line), else standard input.
-A classifier prints ``label<TAB>score<TAB>text`` per text; a masked-language model prints the
-filled-in text and each predicted span. ``--json`` prints one JSON object per text instead.
+a folder, a Hub id). Texts come from the arguments, else ``--file`` (one per line), else standard
+input. A classifier prints ``label<TAB>score<TAB>text`` per text; a masked-language model prints
+the filled-in text and each predicted span. ``--json`` prints one JSON object per text instead.
+
+With ``--input`` and ``--output`` it scores files instead, on Ray (the cluster ``RAY_ADDRESS``
+names, else an in-process one): every parquet or JSON lines file of the inputs gets a parquet
+output with its rows' ``row``, id column, ``label`` and ``score``; a re-run skips the files
+already scored (``pipelines.inference``).
 """
 
 from __future__ import annotations
@@ -39,7 +46,58 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="cuda if available, else cpu")
     parser.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI)")
     parser.add_argument("--batch-size", type=int, default=32, help="classifier batch size")
-    return parser.parse_args(argv)
+    files = parser.add_argument_group("batch inference (files in, parquet out, on Ray)")
+    files.add_argument("--input", nargs="+", metavar="PATH", help="files, folders or globs")
+    files.add_argument("--output", metavar="DIR", help="folder or s3:// prefix for the outputs")
+    files.add_argument("--text-column", default="text", help="the text to classify (text)")
+    files.add_argument("--pair-column", help="the second text of pair tasks")
+    files.add_argument("--id-column", help="an input column copied to the output")
+    files.add_argument("--actors", type=int, help="actor pool size (default: CPUs or GPUs)")
+    files.add_argument("--cpus-per-actor", type=int, default=1, help="torch threads each (1)")
+    files.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs each (0)")
+    args = parser.parse_args(argv)
+    if (args.input is None) != (args.output is None):
+        parser.error("--input and --output go together")
+    if args.input and (args.texts or args.file or args.mask):
+        parser.error("--input scores files: give no texts, --file or --mask with it")
+    return args
+
+
+def predict_files(args: argparse.Namespace) -> int:
+    from jobs import report_user_error, start_ray
+    from pipelines.inference import PredictSettings, Resources
+    from pipelines.inference import predict_files as run
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+    try:
+        settings = PredictSettings(
+            text_column=args.text_column,
+            pair_column=args.pair_column,
+            id_column=args.id_column,
+            batch_size=args.batch_size,
+        )
+        resources = Resources(args.actors, args.cpus_per_actor, args.gpus_per_actor)
+        start_ray()
+        result = run(
+            args.model,
+            args.input,
+            args.output,
+            settings,
+            resources,
+            tracking_uri=args.tracking_uri,
+        )
+    except Exception as error:  # what to fix, in one line; anything else is re-raised
+        return report_user_error(error)
+    rate = result.rows / result.seconds if result.seconds else 0.0
+    print(
+        f"scored {result.rows:,} rows of {result.files - result.skipped} files "
+        f"({result.skipped} already scored) in {result.seconds:.1f} s, {rate:,.0f} rows/s: "
+        f"{result.output}"
+    )
+    return 0
 
 
 def read_texts(args: argparse.Namespace) -> list[str]:
@@ -86,13 +144,15 @@ def fill_lines(loaded: LoadedModel, texts: list[str], args: argparse.Namespace) 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # Its retry warnings would repeat the one error line that an unreachable server gets.
-    logging.getLogger("urllib3").setLevel(logging.ERROR)
     # A missing model is answered at once; an unreachable server should be too, rather than
     # after MLflow's default retries (minutes). An explicit setting wins.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    if args.input:
+        return predict_files(args)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Its retry warnings would repeat the one error line that an unreachable server gets.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -235,3 +235,36 @@ def test_a_pickle_with_code_is_refused_as_possibly_malicious(
     assert "the file may be malicious and was not loaded" in line and "weights_only" not in line
     assert "pytorch_model.bin" in line
     assert not planted.exists()
+
+
+# -- batch inference -----------------------------------------------------------------------------
+
+
+def test_batch_inference_refuses_bad_columns_and_outputs_of_another_model(
+    good_model: Path, ray_session, tmp_path: Path, capsys
+) -> None:
+    from jobs.predict import main
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    _parquet(inputs / "a.parquet", column="review")
+    args = ["--model", str(good_model), "--input", str(inputs)]
+
+    # A text column the file lacks: found by the actor that reads it, reported as one line.
+    assert main([*args, "--output", str(tmp_path / "out1")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {inputs / 'a.parquet'} has no column 'text'"), line
+    assert not (tmp_path / "out1" / "a.parquet").exists()
+
+    # An output another model (or other settings) made is neither skipped nor overwritten.
+    made = tmp_path / "out2" / "a.parquet"
+    made.parent.mkdir()
+    other = pa.table({"row": [0]}).replace_schema_metadata(
+        {b"perceiver.predict_digest": b"0123", b"perceiver.model": b"models:/other/1"}
+    )
+    pq.write_table(other, made)
+    before = made.read_bytes()
+    assert main([*args, "--output", str(made.parent), "--text-column", "review"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"{made}: already made by another model or with other settings" in line, line
+    assert "models:/other/1" in line and made.read_bytes() == before

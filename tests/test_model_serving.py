@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from fixtures_train import REPO, free_port
 from test_models import LABELS, lineage, new_run, save_tiny
@@ -273,3 +274,82 @@ def test_jobs_predict_reports_a_bad_source_in_one_line(mlflow_server, tmp_path: 
     assert out.stderr.strip().splitlines() == [
         "error: models:/no-such-model@champion: no registered model named 'no-such-model'"
     ]
+
+
+def _scoring_inputs(shared_data: Path, folder: Path) -> pa.Table:
+    """SST-2's validation sentences in three files of the kinds batch inference reads: parquet,
+    gzipped JSON lines, and JSON lines in a subfolder. Returns the whole table."""
+    import gzip
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(shared_data / "glue" / "sst2" / "validation.parquet")
+    (folder / "sub").mkdir(parents=True)
+    pq.write_table(table.slice(0, 400), folder / "part-0.parquet")
+    with gzip.open(folder / "part-1.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in table.slice(400, 300).to_pylist())
+    (folder / "sub" / "part-2.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in table.slice(700).to_pylist())
+    )
+    return table
+
+
+def test_batch_inference_from_the_registry_scores_s3_files_once(
+    served_classifier, ray_session, s3_server, shared_data: Path, tmp_path: Path, capsys
+) -> None:
+    import pyarrow.fs
+    import pyarrow.parquet as pq
+    from fixtures_s3 import BUCKET
+
+    from jobs.predict import main
+    from perceiver_core.predict import classify
+    from pipelines.tracking.models import load_model
+
+    uri, model, _ = served_classifier
+    table = _scoring_inputs(shared_data, tmp_path / "in")
+    inputs = s3_server.upload(tmp_path / "in", "predict/in")
+    outputs = f"{BUCKET}/predict/out"
+    args = ["--model", f"models:/{model.name}@champion", "--tracking-uri", uri]
+    args += ["--input", inputs, "--output", f"s3://{outputs}"]
+    args += ["--text-column", "sentence", "--id-column", "idx"]
+    fs = s3_server.filesystem()
+
+    def run() -> str:
+        assert main(args) == 0
+        return capsys.readouterr().out.strip().splitlines()[-1]
+
+    def written() -> dict[str, pyarrow.fs.FileInfo]:
+        found = fs.get_file_info(pyarrow.fs.FileSelector(outputs, recursive=True))
+        return {i.path.removeprefix(f"{outputs}/"): i for i in found if i.is_file}
+
+    assert run().startswith("scored 872 rows of 3 files (0 already scored)")
+    first = written()
+    assert sorted(first) == ["part-0.parquet", "part-1.parquet", "sub/part-2.parquet"]
+    scored = {name: pq.read_table(f"{outputs}/{name}", filesystem=fs) for name in first}
+    for name, out in scored.items():
+        assert out.column_names == ["row", "idx", "label", "score"]
+        assert out.column("row").to_pylist() == list(range(out.num_rows)), name
+        source = f"{inputs}/{name.replace('part-1.parquet', 'part-1.jsonl.gz')}"
+        if name.startswith("sub/"):
+            source = source.replace(".parquet", ".jsonl")
+        assert out.schema.metadata[b"perceiver.input"].decode() == source
+    result = pa.concat_tables(scored[n] for n in sorted(first))  # the input's order
+    assert result.column("idx").to_pylist() == table.column("idx").to_pylist()
+    loaded = load_model(model.registry_uri, tracking_uri=uri, cache_dir=tmp_path / "cache")
+    expected = classify(loaded.model, table.column("sentence").to_pylist())
+    assert result.column("label").to_pylist() == [p.label for p in expected]
+    assert result.column("score").to_pylist() == pytest.approx(
+        [p.score for p in expected], abs=1e-6
+    )
+    assert set(result.column("label").to_pylist()) == set(LABELS)  # else the check is weak
+
+    assert run().startswith("scored 0 rows of 0 files (3 already scored)")
+    assert {n: i.mtime for n, i in written().items()} == {n: i.mtime for n, i in first.items()}
+
+    fs.delete_file(f"{outputs}/part-1.parquet")  # lost: scored again, the others kept
+    assert run().startswith("scored 300 rows of 1 files (2 already scored)")
+    again = written()
+    assert again["part-0.parquet"].mtime == first["part-0.parquet"].mtime
+    assert pq.read_table(f"{outputs}/part-1.parquet", filesystem=fs).equals(
+        scored["part-1.parquet"]
+    )
