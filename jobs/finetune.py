@@ -16,8 +16,9 @@ import sys
 
 from jobs import report_user_error, start_ray
 from pipelines.config import ConfigError, add_config_arguments, config_from_args
+from pipelines.tracking.runs import resolve_tracking
 from pipelines.train.finetune_config import FinetuneConfig
-from pipelines.workflow.recipe import run_finetune
+from pipelines.workflow.recipe import check_finetune, run_finetune
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.workflow import PipelineError
 
     try:
+        # A missing starting model or data column fails here, before Ray starts (a Hub id is
+        # downloaded now, once, into the Hub's cache).
+        check_finetune(cfg, resolve_tracking(cfg.tracking.tracking_uri).tracking_uri)
         start_ray()
         result = run_finetune(cfg)
     except PipelineError as error:  # a stage failed: the error names it

@@ -268,3 +268,25 @@ def test_batch_inference_refuses_bad_columns_and_outputs_of_another_model(
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert f"{made}: already made by another model or with other settings" in line, line
     assert "models:/other/1" in line and made.read_bytes() == before
+
+
+def test_finetuning_from_a_hub_id_that_cannot_be_fetched_stops_before_ray(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HF_HOME": str(tmp_path / "hf"),  # an empty cache
+        "HF_HUB_OFFLINE": "1",
+        "RAY_TMPDIR": str(tmp_path / "ray"),  # where a Ray started by the job would write
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}",
+    }
+    command = ["jobs.finetune", "--config", "jobs/configs/finetune_imdb_tiny.yaml"]
+    command += ["--set", "init=nobody/no-such-perceiver"]
+    out = subprocess.run(
+        [sys.executable, "-m", *command], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if " INFO " not in line]
+    assert len(errors) == 1 and errors[0].startswith("error: nobody/no-such-perceiver"), errors
+    assert "HF_HUB_OFFLINE is set and the model is not in the local Hub cache" in errors[0]
+    assert not (tmp_path / "ray").exists()

@@ -28,7 +28,7 @@ from pipelines.config import config_hash, to_dict
 from pipelines.data.finetune import check_columns
 from pipelines.tracking import registry, runs
 from pipelines.tracking.config import TrackingConfig
-from pipelines.tracking.models import resolve_model
+from pipelines.tracking.models import ResolvedModel, resolve_model
 from pipelines.train import finetune
 from pipelines.train.finetune_config import HASH_EXCLUDE, FinetuneConfig, StageConfig
 from pipelines.train.launch import describe_run, open_run
@@ -285,6 +285,16 @@ class FinetuneResult:
     promoted: bool | None
 
 
+def check_finetune(cfg: FinetuneConfig, tracking_uri: str | None = None) -> ResolvedModel:
+    """What can be checked without Ray, so that a job can fail at once: the starting model
+    (found, downloaded from the Hub when it is an id, of the right kind) and the data's label and
+    text columns (in the first file of each split). Returns the resolved model."""
+    init = resolve_model(cfg.init, tracking_uri=tracking_uri, expect=cfg.init_kind)
+    for split in (cfg.splits.train, cfg.splits.eval_split(cfg.data.task)):
+        check_columns(cfg.data, split)
+    return init
+
+
 def run_finetune(
     cfg: FinetuneConfig,
     *,
@@ -297,10 +307,7 @@ def run_finetune(
     the checkpoints (default: ``checkpoint_key()`` here)."""
     workdir = (workdir or Path.cwd()).resolve()
     target = runs.resolve_tracking(cfg.tracking.tracking_uri, workdir)
-    # A missing model, or one of the wrong kind, fails here, before anything starts.
-    init = resolve_model(cfg.init, tracking_uri=target.tracking_uri, expect=cfg.init_kind)
-    for split in (cfg.splits.train, cfg.splits.eval_split(cfg.data.task)):
-        check_columns(cfg.data, split)  # the label and text columns, in the first file
+    init = check_finetune(cfg, target.tracking_uri)
     parent = init.registered.registry_uri if init.registered is not None else cfg.init
     tags = {
         "config_hash": config_hash(cfg, exclude=HASH_EXCLUDE),
