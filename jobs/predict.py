@@ -46,6 +46,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="cuda if available, else cpu")
     parser.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI)")
     parser.add_argument("--batch-size", type=int, default=32, help="classifier batch size")
+    parser.add_argument(
+        "--long-text",
+        choices=("truncate", "windows"),
+        help="texts longer than the model's positions: keep the beginning, or average the "
+        "logits of consecutive windows (default: the model's setting, long_text in config.json)",
+    )
     files = parser.add_argument_group("batch inference (files in, parquet out, on Ray)")
     files.add_argument("--input", nargs="+", metavar="PATH", help="files, folders or globs")
     files.add_argument("--output", metavar="DIR", help="folder or s3:// prefix for the outputs")
@@ -78,6 +84,7 @@ def predict_files(args: argparse.Namespace) -> int:
             pair_column=args.pair_column,
             id_column=args.id_column,
             batch_size=args.batch_size,
+            long_text=args.long_text,
         )
         resources = Resources(args.actors, args.cpus_per_actor, args.gpus_per_actor)
         start_ray()
@@ -110,7 +117,9 @@ def read_texts(args: argparse.Namespace) -> list[str]:
 def classify_lines(loaded: LoadedModel, texts: list[str], args: argparse.Namespace) -> list[str]:
     from perceiver_core.predict import classify
 
-    predictions = classify(loaded.model, texts, batch_size=args.batch_size)
+    predictions = classify(
+        loaded.model, texts, batch_size=args.batch_size, long_text=args.long_text
+    )
     if args.json:
         return [
             json.dumps({"text": t, "label": p.label, "score": p.score, "scores": p.scores})

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from perceiver_core.tokenizer import VOCAB_SIZE
 
+LONG_TEXT_MODES = ("truncate", "windows")
+
 
 @dataclass(frozen=True)
 class PerceiverConfig:
@@ -46,6 +48,10 @@ class PerceiverConfig:
     # Label names of a classifier; empty means LABEL_0..LABEL_{n-1}.
     id2label: dict[int, str] = field(default_factory=dict)
     problem_type: str | None = None  # "regression" for STS-B style targets, else classification
+    # How a classifier answers a text longer than its positions (``perceiver_core.predict``):
+    # "truncate" (its beginning) or "windows" (consecutive windows, their logits averaged).
+    # Written to config.json with the model, so that it travels to the registry and back.
+    long_text: str = "truncate"
     # Training only, not part of the exported config: recompute each latent layer's activations in
     # the backward pass instead of keeping them (about a third more compute, far less memory).
     activation_checkpointing: bool = False
@@ -82,6 +88,10 @@ class PerceiverConfig:
             )
         if not 0.0 <= self.attention_probs_dropout_prob < 1.0:
             raise ValueError("PerceiverConfig.attention_probs_dropout_prob must be in [0, 1)")
+        if self.long_text not in LONG_TEXT_MODES:
+            raise ValueError(
+                f"PerceiverConfig.long_text must be one of {LONG_TEXT_MODES}, got {self.long_text!r}"
+            )
         if self.problem_type not in (None, "regression", "single_label_classification"):
             raise ValueError(f"PerceiverConfig.problem_type: unsupported {self.problem_type!r}")
         self._check_divisible()

@@ -172,11 +172,13 @@ def config_to_hf(config: PerceiverConfig, architecture: str) -> dict[str, object
         perceiver_core={
             "decoder_qk_channels": config.decoder_qk_channels,
             "decoder_num_heads": config.decoder_num_heads,
+            "long_text": config.long_text,
         },
     )
     for key in (
         "decoder_qk_channels",
         "decoder_num_heads",
+        "long_text",
         "num_labels",
         "activation_checkpointing",
     ):

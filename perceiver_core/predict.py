@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from perceiver_core.config import PerceiverConfig
+from perceiver_core.config import LONG_TEXT_MODES, PerceiverConfig
 from perceiver_core.model import PerceiverForMaskedLM, PerceiverForSequenceClassification
 from perceiver_core.tokenizer import BYTE_OFFSET, CLS, MASK, SEP, ByteTokenizer
 
@@ -128,12 +128,16 @@ def classify(
     batch_size: int = 32,
     max_length: int | None = None,
     device: Device = None,
+    long_text: str | None = None,
 ) -> list[Prediction]:
     """Classify ``texts`` (with their second sentences ``pairs`` for pair tasks such as MRPC).
 
-    Texts longer than ``max_length`` tokens (default: the model's ``max_position_embeddings``) are
-    truncated on the right, special tokens included in the count. ``device`` moves the model; by
-    default it runs where the model is. Returns one ``Prediction`` per text, in input order.
+    Texts longer than ``max_length`` tokens (default: the model's ``max_position_embeddings``),
+    special tokens included, are answered as ``long_text`` says (default: the model's
+    ``config.long_text``): ``"truncate"`` keeps their beginning; ``"windows"`` splits each text
+    into consecutive windows that fit, classifies every window and averages their logits (single
+    texts only: pairs are truncated). ``device`` moves the model; by default it runs where the
+    model is. Returns one ``Prediction`` per text, in input order.
     """
     if not isinstance(model, PerceiverForSequenceClassification):
         raise TypeError(f"classify needs a PerceiverForSequenceClassification, got {type(model)}")
@@ -143,34 +147,71 @@ def classify(
         )
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    mode = long_text or model.config.long_text
+    if mode not in LONG_TEXT_MODES:
+        raise ValueError(f"long_text must be one of {LONG_TEXT_MODES}, got {mode!r}")
     texts = list(texts)
     pair_list = None if pairs is None else list(pairs)
     if pair_list is not None and len(pair_list) != len(texts):
         raise ValueError(f"got {len(texts)} texts but {len(pair_list)} pairs")
     limit = _length_limit(model.config, max_length)
-    tokenizer = ByteTokenizer(model_max_length=limit)
     names = model.config.label_names()
-    lengths = [len(t.encode("utf-8")) for t in texts]
-    if pair_list is not None:
-        lengths = [n + len(p.encode("utf-8")) for n, p in zip(lengths, pair_list, strict=True)]
-    order = np.argsort(lengths, kind="stable")
-    results: list[Prediction | None] = [None] * len(texts)
     with _inference(model, device) as target:
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size].tolist()
-            batch = tokenizer(
-                [texts[i] for i in rows],
-                None if pair_list is None else [pair_list[i] for i in rows],
-                padding="longest",
-                truncation=True,
-                max_length=limit,
-            )
-            ids = torch.from_numpy(batch["input_ids"]).to(target)
-            mask = torch.from_numpy(batch["attention_mask"]).to(target)
-            logits = model(ids, mask).logits.float().cpu()
-            for i, row in zip(rows, logits, strict=True):
-                results[i] = _prediction(row, names, model.is_regression)
-    return results  # type: ignore[return-value]  # every slot was filled
+        if mode == "truncate" or pair_list is not None:
+            logits = _logits(model, target, texts, pair_list, limit, batch_size)
+        else:
+            windows, owners = _windows(texts, limit - 2)  # [CLS] and [SEP] around each
+            per_window = _logits(model, target, windows, None, limit, batch_size)
+            owner = torch.as_tensor(owners)
+            total = torch.zeros(len(texts), per_window.shape[1]).index_add_(0, owner, per_window)
+            logits = total / torch.bincount(owner, minlength=len(texts)).unsqueeze(1)
+    return [_prediction(row, names, model.is_regression) for row in logits]
+
+
+def _windows(texts: Sequence[str], width: int) -> tuple[list[bytes], list[int]]:
+    """Each text's UTF-8 bytes in consecutive pieces of ``width`` (an empty text is one empty
+    piece), and the index of the text each piece comes from."""
+    windows, owners = [], []
+    for i, text in enumerate(texts):
+        data = text.encode("utf-8")
+        for start in range(0, max(len(data), 1), width):
+            windows.append(data[start : start + width])
+            owners.append(i)
+    return windows, owners
+
+
+def _logits(
+    model: PerceiverForSequenceClassification,
+    target: torch.device,
+    texts: Sequence[str | bytes],
+    pairs: Sequence[str] | None,
+    limit: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """Float32 logits of every text, in input order, computed in batches of similar length."""
+    tokenizer = ByteTokenizer(model_max_length=limit)
+
+    def size(text: str | bytes) -> int:
+        return len(text.encode("utf-8")) if isinstance(text, str) else len(text)
+
+    lengths = [size(t) for t in texts]
+    if pairs is not None:
+        lengths = [n + size(p) for n, p in zip(lengths, pairs, strict=True)]
+    order = np.argsort(lengths, kind="stable")
+    out = torch.empty(len(texts), model.config.num_labels)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size].tolist()
+        batch = tokenizer(
+            [texts[i] for i in rows],
+            None if pairs is None else [pairs[i] for i in rows],
+            padding="longest",
+            truncation=True,
+            max_length=limit,
+        )
+        ids = torch.from_numpy(batch["input_ids"]).to(target)
+        mask = torch.from_numpy(batch["attention_mask"]).to(target)
+        out[rows] = model(ids, mask).logits.float().cpu()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ class PredictSettings:
     pair_column: str | None = None
     id_column: str | None = None
     batch_size: int = 32
+    long_text: str | None = None  # None: the model's own setting (perceiver_core.predict)
 
     def __post_init__(self) -> None:
         named = [c for c in (self.text_column, self.pair_column, self.id_column) if c]
@@ -316,6 +317,7 @@ class FileScorer:
             [texts[i] for i in present],
             pairs=None if pairs is None else [pairs[i] for i in present],
             batch_size=s.batch_size,
+            long_text=s.long_text,
         )
         for i, prediction in zip(present, predictions, strict=True):
             labels[i], scores[i] = prediction.label, prediction.score

@@ -353,3 +353,28 @@ def test_batch_inference_from_the_registry_scores_s3_files_once(
     assert pq.read_table(f"{outputs}/part-1.parquet", filesystem=fs).equals(
         scored["part-1.parquet"]
     )
+
+
+def test_a_model_saved_for_windows_answers_long_texts_with_all_of_them(
+    tmp_path: Path, capsys
+) -> None:
+    """``long_text: windows`` travels in config.json: jobs.predict averages the windows of a long
+    review by default, and ``--long-text truncate`` keeps only its beginning."""
+    from jobs.predict import main
+    from perceiver_core.hf import from_pretrained, save_pretrained
+    from perceiver_core.model import PerceiverForSequenceClassification
+    from perceiver_core.predict import classify
+
+    plain = save_tiny("classifier", tmp_path / "plain", seed=2, initializer_range=0.2)
+    model = from_pretrained(PerceiverForSequenceClassification, plain, long_text="windows")
+    folder = save_pretrained(model, tmp_path / "windows")
+
+    def score(*extra: str) -> float:
+        assert main(["--model", str(folder), "--json", *extra, LONG_REVIEW]) == 0
+        return json.loads(capsys.readouterr().out)["score"]
+
+    windows = classify(model, [LONG_REVIEW], long_text="windows")[0].score
+    truncated = classify(model, [LONG_REVIEW], long_text="truncate")[0].score
+    assert abs(windows - truncated) > 1e-3  # else the check below could not tell them apart
+    assert score() == pytest.approx(windows, abs=1e-6)
+    assert score("--long-text", "truncate") == pytest.approx(truncated, abs=1e-6)

@@ -4,6 +4,7 @@ fill-mask predicts what transformers' PerceiverForMaskedLM predicts on our expor
 from __future__ import annotations
 
 import functools
+import json
 import random
 
 import pytest
@@ -26,7 +27,7 @@ from perceiver_core.predict import (
     masked_input_ids,
     masked_spans,
 )
-from perceiver_core.tokenizer import MASK
+from perceiver_core.tokenizer import BYTE_OFFSET, CLS, MASK, SEP
 
 CARD_SENTENCE = "This is an incomplete sentence where some words are missing."
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
@@ -129,6 +130,55 @@ def test_classify_truncates_to_max_length(classifier) -> None:
     assert_matches(short, direct_logits(classifier, long_text[:18]), list(LABELS.values()))
     full = classify(classifier, [long_text])[0]
     assert_matches(full, direct_logits(classifier, long_text[:126]), list(LABELS.values()))
+
+
+def test_windows_average_the_logits_of_consecutive_windows(classifier, tmp_path) -> None:
+    from perceiver_core.hf import from_pretrained, save_pretrained
+
+    rng = random.Random(3)
+    # 126 bytes fit with [CLS] and [SEP]: texts of one (empty, short, exactly full) and several
+    # windows, multi-byte characters cut at window edges (windows are of bytes, as the model
+    # reads them).
+    plain = ALPHABET[:-2]  # no "[SEP]"-style literals, which the tokenizer reads as one id
+    texts = ["", "short", "".join(rng.choices(plain, k=240)), "x" * 126]
+    names = list(LABELS.values())
+    windows = classify(classifier, texts, batch_size=3, long_text="windows")
+    for text, prediction in zip(texts, windows, strict=True):
+        data = text.encode()
+        pieces = [data[i : i + 126] for i in range(0, max(len(data), 1), 126)]
+        logits = torch.stack([_piece_logits(classifier, piece) for piece in pieces])
+        assert_matches(prediction, logits.mean(0), names)
+    assert len(texts[2].encode()) > 2 * 126  # the long text really spans several windows
+    truncated = classify(classifier, texts)
+    for i in (0, 1, 3):  # a text that fits is one window either way
+        assert truncated[i].label == windows[i].label
+        assert truncated[i].score == pytest.approx(windows[i].score, abs=1e-5)
+    assert truncated[2].score != pytest.approx(windows[2].score, abs=1e-3)
+
+    # The mode is the model's, saved with it: a classifier exported with windows answers so.
+    windowed = PerceiverForSequenceClassification(classifier.config.replace(long_text="windows"))
+    windowed.load_state_dict(classifier.state_dict())
+    saved = save_pretrained(windowed, tmp_path / "cls")
+    loaded = from_pretrained(PerceiverForSequenceClassification, saved)
+    assert loaded.config.long_text == "windows"
+    by_default, asked = (
+        classify(loaded, texts[2:3]),
+        classify(loaded, texts[2:3], long_text="windows"),
+    )
+    assert by_default[0].score == pytest.approx(asked[0].score, abs=1e-6)
+    assert by_default[0].score != pytest.approx(
+        classify(loaded, texts[2:3], long_text="truncate")[0].score, abs=1e-3
+    )
+    assert "long_text" not in json.loads((saved / "config.json").read_text())  # an extra only
+    with pytest.raises(ValueError, match="long_text must be one of"):
+        classify(classifier, texts, long_text="average")
+
+
+def _piece_logits(model, piece: bytes) -> torch.Tensor:
+    ids = [CLS, *(b + BYTE_OFFSET for b in piece), SEP]
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
 
 
 def test_regression_prediction_is_the_raw_value() -> None:

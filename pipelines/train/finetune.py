@@ -233,6 +233,7 @@ def classifier_config(cfg: FinetuneConfig, weights: Path) -> PerceiverConfig:
         num_labels=n,
         id2label=dict(enumerate(labels)),
         problem_type="regression" if n == 1 else None,
+        long_text=cfg.register.long_text,
     )
 
 

@@ -146,11 +146,17 @@ class RegisterSection:
     promote: compare the new version with the ``champion`` on the task's metric: it becomes the
         champion if it is at least as good (or there is none), else the ``challenger``. Off: it
         only becomes the challenger.
+    long_text: how the model answers a text longer than its positions, written into its
+        config.json: ``truncate`` (its beginning, as training saw it) or ``windows``
+        (consecutive windows, their logits averaged). ``jobs.predict``, batch inference and
+        ``perceiver_core.predict.classify`` follow it; MLflow's transformers pipeline, pyfunc and
+        server always truncate.
     """
 
     enabled: bool = True
     name: str | None = None
     promote: bool = True
+    long_text: Literal["truncate", "windows"] = "truncate"
 
 
 @dataclass
