@@ -9,7 +9,6 @@ mixed-precision wrapper) is in this module.
 
 from __future__ import annotations
 
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -109,20 +108,12 @@ def build_engine(
     return create_engine(model, ds_config, optimizer, total_steps), precision
 
 
-_DEEPSPEED_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
-
-
 def create_engine(
     model: nn.Module, ds_config: dict[str, Any], optimizer: OptimizerConfig, total_steps: int
 ) -> Any:
     """``deepspeed.initialize`` with a torch optimizer (no JIT build of fused ops) and our schedule."""
     import deepspeed
 
-    # DeepSpeed's check of a ZeRO optimizer imports its Muon optimizer, if it can, to allow it;
-    # that module compiles its kernels with torch.compile when imported, which loads torch's
-    # inductor: 3.5 s of CPU in every worker of every run, for an optimizer this project never
-    # builds. A None entry makes the import fail as DeepSpeed expects when Muon is absent.
-    sys.modules.setdefault(_DEEPSPEED_MUON, None)  # type: ignore[arg-type]
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=build_optimizer(model, optimizer),
