@@ -32,6 +32,7 @@ import posixpath
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -138,7 +139,8 @@ def predict_files(
     docstring). Ray must be running."""
     settings = settings or PredictSettings()
     resources = resources or Resources()
-    output = output.rstrip("/")
+    # Absolute: the actors do not share the driver's working directory.
+    output = storage.resolve(output, Path.cwd())
     jobs = plan(inputs, output)  # a missing input fails before the model is fetched
     loaded = load_model(model, device="cpu", tracking_uri=tracking_uri, expect="classifier")
     digest = _run_digest(loaded, settings)
