@@ -62,17 +62,6 @@ def crops(crop_len: int, limit: int):
     return packed.input_ids.astype(np.int64), packed.sample_ids()
 
 
-def centered_pinv_solve(W: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Zero-mean inputs x (rows) with W @ x ~= targets (rows), least squares, min norm."""
-    d = W.shape[1]
-    C = torch.eye(d) - torch.full((d, d), 1.0 / d)
-    return targets @ torch.linalg.pinv(W @ C).T @ C.T
-
-
-def unit_std(x: torch.Tensor) -> torch.Tensor:
-    return x / x.std(dim=-1, keepdim=True, unbiased=False)
-
-
 def sinusoids(
     positions: torch.Tensor, dims: int, period: float, phase: float = 0.0
 ) -> torch.Tensor:

@@ -98,12 +98,7 @@ def predict_files(args: argparse.Namespace) -> int:
         )
     except Exception as error:  # what to fix, in one line; anything else is re-raised
         return report_user_error(error)
-    rate = result.rows / result.seconds if result.seconds else 0.0
-    print(
-        f"scored {result.rows:,} rows of {result.files - result.skipped} files "
-        f"({result.skipped} already scored) in {result.seconds:.1f} s, {rate:,.0f} rows/s: "
-        f"{result.output}"
-    )
+    print(result.summary())
     return 0
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs
 import pyarrow.parquet as pq
 
 from pipelines import storage
@@ -87,12 +88,14 @@ class Resources:
     cpus_per_actor: int = 1
     gpus_per_actor: float = 0
 
+    def __post_init__(self) -> None:
+        if self.actors is not None and self.actors < 1:
+            raise UserError(f"actors must be at least 1, got {self.actors}")
+
     def pool_size(self, files: int) -> int:
         import ray
 
         if self.actors is not None:
-            if self.actors < 1:
-                raise UserError(f"actors must be at least 1, got {self.actors}")
             return min(self.actors, files)
         available = ray.cluster_resources()
         if self.gpus_per_actor:
@@ -123,6 +126,14 @@ class BatchResult:
     rows: int  # rows scored in this run
     seconds: float  # from the start of scoring to the last output written
     model_digest: str
+
+    def summary(self) -> str:
+        rate = self.rows / self.seconds if self.seconds else 0.0
+        return (
+            f"scored {self.rows:,} rows of {self.files - self.skipped} files "
+            f"({self.skipped} already scored) in {self.seconds:.1f} s, {rate:,.0f} rows/s: "
+            f"{self.output}"
+        )
 
 
 def predict_files(
@@ -192,9 +203,9 @@ def _run_digest(loaded: LoadedModel, settings: PredictSettings) -> str:
 
 
 def _already_done(job: FileJob, digest: str, model: str) -> bool:
-    if not storage.exists(job.output):
-        return False
     fs, path = storage.filesystem(job.output)
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return False
     try:
         meta = pq.read_metadata(path, filesystem=fs).metadata or {}
     except (OSError, pa.ArrowInvalid) as error:

@@ -2,8 +2,9 @@
 
 Everything a run keeps beside Ray Train's checkpoints (the data index, the best weights and
 their pointer) and every output of batch inference is read and written here, through pyarrow's
-filesystems, so local disks and object stores share one code path. ``FileSystem.from_uri`` is used rather than the
-S3FileSystem constructor because it honours ``AWS_ENDPOINT_URL`` (an S3-compatible server).
+filesystems, so local disks and object stores share one code path. ``FileSystem.from_uri`` is
+used rather than the S3FileSystem constructor because it honours ``AWS_ENDPOINT_URL`` (an
+S3-compatible server).
 """
 
 from __future__ import annotations
@@ -34,11 +35,6 @@ def filesystem(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
 def join(location: str, *parts: str) -> str:
     """``location/part/...`` for a local path or a URI alike."""
     return "/".join([location.rstrip("/"), *(part.strip("/") for part in parts)])
-
-
-def exists(location: str) -> bool:
-    fs, path = filesystem(location)
-    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
 
 def read_text(location: str) -> str | None:
