@@ -44,6 +44,17 @@ def test_data_half_of_perceiver_core_does_not_import_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
+def test_the_ray_data_side_of_training_does_not_import_torch() -> None:
+    """The crop feed and the held-out read run in Ray processes of their own, which start five
+    seconds sooner without torch; the training data stack must not pull it in."""
+    code = (
+        "import sys, pipelines.data.feed, pipelines.data.finetune;"
+        "print(sorted(m for m in ('torch', 'deepspeed', 'pipelines.train') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def _imports(path, modules: set[str]) -> set[str]:
     """The project modules ``path`` imports anywhere in it (functions included): a package's own
     ``__init__`` only when a name is taken from it, not when a submodule is."""

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from perceiver_core.config import get_preset
 from perceiver_core.model import PerceiverForMaskedLM
 from pipelines.config import ConfigError, config_hash, load_config
+from pipelines.data.feed import StreamWindow
 from pipelines.train.checkpoint import CheckpointError, TrainState, rng_state, set_rng_state
 from pipelines.train.config import HASH_EXCLUDE, PretrainConfig
 from pipelines.train.engine import deepspeed_config, resolve_precision
 from pipelines.train.metrics import bits_per_byte
-from pipelines.train.mlm import StreamWindow, masked_lm_sums
+from pipelines.train.mlm import masked_lm_sums
 from pipelines.train.optim import Lamb, OptimizerConfig, lr_factor, parameter_groups
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"

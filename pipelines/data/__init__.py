@@ -2,7 +2,8 @@
 
 Pretraining (``config`` for its settings, ``pretrain`` for the stream, ``mixture`` for
 interleaving, ``index`` for the index pass, ``units`` for how documents become crops,
-``readers``/``sources`` for files)::
+``readers``/``sources`` for files, ``feed`` for the actor that serves a training run its stream by
+position)::
 
     cfg = pipelines.config.load_config(PretrainDataConfig, "data.yaml", ["data_dir=../shared/data"])
     index = build_index(cfg)                       # executes; the job saves it (DataIndex.save)

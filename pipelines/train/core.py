@@ -163,11 +163,15 @@ class Progress:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: ``TorchTrainer(train_loop_per_worker, {"job": WorkerJob})``."""
+    """Ray Train entry point: ``TorchTrainer(train_loop_per_worker, {"job": ray.put(WorkerJob)})``.
+    The job travels by reference: Ray Train's controller holds the config but never runs the
+    training code, and unpickling a ``WorkerJob`` there would import torch and this module (five
+    seconds before any worker could start)."""
     log_to_console()
     quiet()
     context = ray.train.get_context()
-    Trainer(config["job"], context.get_world_rank(), context.get_world_size()).run()
+    job = ray.get(config["job"])
+    Trainer(job, context.get_world_rank(), context.get_world_size()).run()
 
 
 class Trainer:

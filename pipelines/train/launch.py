@@ -102,7 +102,7 @@ def fit(
         dataset.context.enable_progress_bars = False
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job},
+        train_loop_config={"job": ray.put(job)},  # by reference (see train_loop_per_worker)
         scaling_config=ray.train.ScalingConfig(
             num_workers=e.workers if e.elastic else e.workers[0],
             elastic_resize_monitor_interval_s=e.elastic_resize_s,

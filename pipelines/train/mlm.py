@@ -5,7 +5,7 @@ Every global step trains on the same crops, in the same micro-batches, whatever 
 workers, through restarts and resizes: step ``k`` (counted from the start of the run) takes the
 ``batch_size`` crops at stream positions ``[k * B, (k + 1) * B)``, cut into micro-batches of
 ``size`` crops dealt to the ranks one micro-batch after another (piece ``micro * W + rank``). The
-stream is read once, in order, by a ``CropFeed`` actor that rank 0 starts for each worker group at
+stream is read once, in order, by a ``CropFeed`` actor (``pipelines.data.feed``) that rank 0 starts for each worker group at
 the restored position; the ranks ask it for positions. So the data position of a checkpoint is a
 number (crops consumed), nothing a lost worker could have moved, and a resumed or resized run
 trains every crop of the stream exactly once, in the order an uninterrupted run would.
@@ -13,12 +13,10 @@ trains every crop of the stream exactly once, in the order an uninterrupted run 
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,6 @@ import ray
 import ray.train
 import torch
 import torch.nn.functional as F
-from ray.data import ExecutionResources
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from perceiver_core.config import PerceiverConfig
@@ -37,10 +34,8 @@ from perceiver_core.hf import load_into, load_state_dict
 from perceiver_core.masking import IGNORE_INDEX
 from perceiver_core.model import PerceiverForMaskedLM
 from perceiver_core.task_metrics import TaskMetric
-from pipelines.console import quiet
-from pipelines.data.config import PretrainDataConfig
-from pipelines.data.index import DataIndex
-from pipelines.data.pretrain import crops_to_torch, pretraining_dataset
+from pipelines.data.feed import CropFeed, StreamSpec
+from pipelines.data.pretrain import crops_to_torch
 from pipelines.train.core import Batch, StartingWeights, WorkerJob
 from pipelines.train.metrics import bits_per_byte
 
@@ -48,20 +43,16 @@ from pipelines.train.metrics import bits_per_byte
 @dataclass(frozen=True)
 class MaskedLMSpec:
     """What the driver resolved for a masked-LM run: the model and where its starting weights
-    are, the stream (its data settings and index, and how long the run needs it), and how much of
-    the held-out split each validation reads."""
+    are, the stream its feed reads (as long as the run needs), and how much of the held-out split
+    each validation reads."""
 
     model_config: PerceiverConfig
-    data: PretrainDataConfig
-    index: DataIndex
-    stream_crops: int  # positions the run trains on: steps x batch size
+    stream: StreamSpec  # its ``crops``: positions the run trains on, steps x batch size
     eval_crops: int
     eval_batch_size: int
     # The held-out crops, read once by a Ray task the driver starts before the workers (it reads
     # while they start up): ``ray.ObjectRef`` to ``held_out_batches``' list.
     validation: Any
-    prefetch_batches: int
-    buffer_mb: int  # object-store memory the stream may fill ahead of training
     start: StartingWeights | None = None  # continued pretraining, MLM adaptation
 
     def build(self, job: WorkerJob, rank: int, world_size: int) -> MaskedLM:
@@ -79,7 +70,7 @@ class MaskedLM:
         self.base_position, self.base_step = 0, 0
         self.step = 0  # the last step a batch was taken for
         self.next_ref: tuple[tuple[int, int], Any] | None = None
-        self.flops = _FlopsCounter(spec.model_config, spec.data.packing.crop_len)
+        self.flops = _FlopsCounter(spec.model_config, spec.stream.data.packing.crop_len)
         self.samples = _SampleLog(job.debug.samples_dir, rank, world_size)
         # The feed's process starts now, while the engine is built; it opens the stream once the
         # restored position is known (``load_state_dict``).
@@ -110,7 +101,7 @@ class MaskedLM:
         accum = self.job.batch_size // (self.world_size * size)
         following = (step, micro + 1) if micro + 1 < accum else (step + 1, 0)
         ahead = self.position(*following, size)
-        if ahead + size <= self.spec.stream_crops:
+        if ahead + size <= self.spec.stream.crops:
             self.next_ref = ((ahead, size), self.feed.take.remote(self.base_position, ahead, size))
         self.step = step
         self.samples.write(step + 1, micro, rows)
@@ -136,7 +127,7 @@ class MaskedLM:
             feed = (
                 ray.remote(CropFeed)
                 .options(name=names[0], num_cpus=0, scheduling_strategy=here)
-                .remote(self.spec)
+                .remote(self.spec.stream)
             )
         if self.world_size > 1:
             torch.distributed.broadcast_object_list(names, src=0)
@@ -193,82 +184,6 @@ class MaskedLM:
             self.feed.open.remote(self.base_position)
 
 
-class CropFeed:
-    """The training stream from ``start`` on, read once and in order, served by position: each
-    position to the one rank that asks for it. Runs as a Ray actor (one per worker group).
-
-    Blocks are kept until all their rows are served; ranks are at most a step or so apart (each
-    step ends in a collective), so that is about two steps of crops.
-    """
-
-    def __init__(self, spec: MaskedLMSpec) -> None:
-        quiet()
-        self.spec = spec
-        self.origin = 0
-        self.blocks: StreamWindow | None = None
-
-    def open(self, start: int) -> None:
-        """Start the stream at position ``start`` (the restored one, which every rank knows).
-        Rank 0 calls it early so that the stream reads ahead; each ``take`` calls it too, since
-        calls from different ranks arrive in no fixed order."""
-        if self.blocks is not None:
-            if start != self.origin:
-                raise RuntimeError(f"the feed is open at {self.origin}, not {start} (a bug)")
-            return
-        self.origin = start
-        spec = self.spec
-        ds = pretraining_dataset(spec.data, spec.index, split="train", start=start)
-        ds = ds.limit(max(0, spec.stream_crops - start))
-        ds.context.enable_progress_bars = False
-        ds.context.execution_options.resource_limits = ExecutionResources(
-            object_store_memory=spec.buffer_mb * 2**20
-        )
-        batches = ds.iter_batches(
-            batch_size=None, batch_format="numpy", prefetch_batches=spec.prefetch_batches
-        )
-        self.blocks = StreamWindow(iter(batches), start)
-
-    def take(self, origin: int, start: int, size: int) -> dict[str, np.ndarray]:
-        self.open(origin)
-        assert self.blocks is not None
-        return self.blocks.take(start, size)
-
-
-class StreamWindow:
-    """Column batches of consecutive stream positions, handed out by position range."""
-
-    def __init__(self, batches: Iterator[dict[str, np.ndarray]], start: int) -> None:
-        self.batches = batches
-        self.pending: collections.deque[list[Any]] = collections.deque()  # [first, rows, served]
-        self.first = self.end = start  # positions [first, end) are held
-
-    def take(self, start: int, size: int) -> dict[str, np.ndarray]:
-        if start < self.first:
-            raise RuntimeError(f"stream positions {start}.. were served already (a bug)")
-        while self.end < start + size:
-            batch = next(self.batches, None)
-            if batch is None:
-                raise EOFError(f"the training stream ended at position {self.end}")
-            n = len(batch["position"])
-            if n and int(batch["position"][0]) != self.end:
-                raise RuntimeError(f"the stream skipped from {self.end} to {batch['position'][0]}")
-            self.pending.append([self.end, batch, 0])
-            self.end += n
-        parts = []
-        for entry in self.pending:
-            first, rows, _ = entry
-            lo, hi = max(start, first) - first, min(start + size, first + len(rows["position"]))
-            if hi - first > lo:
-                parts.append({k: v[lo : hi - first] for k, v in rows.items()})
-                entry[2] += hi - first - lo
-        while self.pending and self.pending[0][2] == len(self.pending[0][1]["position"]):
-            self.first += len(self.pending.popleft()[1]["position"])
-        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        if not np.array_equal(out["position"], np.arange(start, start + size)):
-            raise RuntimeError(f"stream positions {start}..{start + size} are not all there")
-        return out
-
-
 class _SampleLog:
     """With ``debug.samples_dir``: each rank appends the stream positions and sample ids of every
     micro-batch it trains on (JSON lines), for the tests that compare runs crop by crop. Records
@@ -322,20 +237,3 @@ class _FlopsCounter:
                 self.config, crops, self.seq_len, decoded_positions=decoded_positions
             ).total
         return self._cache[key]
-
-
-def held_out_batches(dataset: Any, limit: int, batch_size: int) -> list[dict[str, np.ndarray]]:
-    """The first ``limit`` rows of ``dataset`` in order, in batches of ``batch_size``: the crops
-    every validation of a run reads. Run as a Ray task (``held_out.remote``)."""
-    quiet()
-    dataset.context.enable_progress_bars = False
-    out, count = [], 0
-    for batch in dataset.limit(limit).iter_batches(batch_size=batch_size, batch_format="numpy"):
-        out.append(batch)
-        count += len(batch["position"])
-        if count >= limit:
-            break
-    return out
-
-
-held_out = ray.remote(num_cpus=0)(held_out_batches)

@@ -27,6 +27,7 @@ from perceiver_core.hf import config_from_hf
 from pipelines import storage
 from pipelines.config import config_hash
 from pipelines.data.config import PretrainDataConfig
+from pipelines.data.feed import StreamSpec, held_out
 from pipelines.data.index import DataIndex, build_index
 from pipelines.data.pretrain import plan_stream, pretraining_dataset
 from pipelines.data.sources import files_digest
@@ -38,7 +39,7 @@ from pipelines.train.config import HASH_EXCLUDE, PretrainConfig
 from pipelines.train.core import Schedule, StartingWeights, WorkerJob
 from pipelines.train.launch import fit, open_run
 from pipelines.train.metrics import section
-from pipelines.train.mlm import MaskedLMSpec, held_out
+from pipelines.train.mlm import MaskedLMSpec
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +105,17 @@ def run_pretraining(
         seed=cfg.run.seed,
         task=MaskedLMSpec(
             model_config=model_config,
-            data=cfg.data,
-            index=index,
-            stream_crops=t.steps * t.crops_per_step,
+            stream=StreamSpec(
+                data=cfg.data,
+                index=index,
+                crops=t.steps * t.crops_per_step,
+                prefetch_batches=t.prefetch_batches,
+                buffer_mb=t.data_buffer_mb,  # object-store memory filled ahead of training
+            ),
             eval_crops=eval_crops,
             eval_batch_size=cfg.eval.batch_size,
             # The first eval_crops crops of the held-out split, the same at every validation.
             validation=held_out.remote(validation, eval_crops, cfg.eval.batch_size),
-            prefetch_batches=t.prefetch_batches,
-            buffer_mb=t.data_buffer_mb,
             start=start,
         ),
         engine=t,
