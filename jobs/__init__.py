@@ -15,6 +15,19 @@ if not os.environ.get("RAY_ADDRESS"):
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+def console() -> None:
+    """A job's console: the project's INFO lines with their time, the libraries quieted (MLflow's
+    download bars, Hub progress) from the first thing the job does, Ray or not."""
+    import logging
+
+    from pipelines.console import quiet
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    quiet()
+
+
 def start_ray(**options: Any) -> None:
     """Join the cluster ``RAY_ADDRESS`` names (``ray job submit`` sets it for its entry point);
     else start a private Ray in this process: on 127.0.0.1, no dashboard, and never attached to

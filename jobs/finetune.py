@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
-from jobs import report_user_error, start_ray
+from jobs import console, report_user_error, start_ray
 from pipelines.config import ConfigError, add_config_arguments, config_from_args
 from pipelines.tracking.runs import resolve_tracking
 from pipelines.train.finetune_config import FinetuneConfig
@@ -32,9 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    console()
 
     from pipelines.workflow import PipelineError
 

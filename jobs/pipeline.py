@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobs import start_ray
+from jobs import console, start_ray
 from pipelines.config import ConfigError, add_config_arguments, load_config
 from pipelines.workflow import PipelineConfig, PipelineError, PipelineResult, run_pipeline
 from pipelines.workflow.plan import plan_pipeline
@@ -74,9 +74,7 @@ def pipeline_from_args(
     except (ConfigError, OSError, DataUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return None
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    console()
     return cfg, data_dir
 
 

@@ -70,13 +70,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def predict_files(args: argparse.Namespace) -> int:
-    from jobs import report_user_error, start_ray
+    from jobs import console, report_user_error, start_ray
     from pipelines.inference import PredictSettings, Resources
     from pipelines.inference import predict_files as run
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    console()
     logging.getLogger("urllib3").setLevel(logging.ERROR)
     try:
         settings = PredictSettings(

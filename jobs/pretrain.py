@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
-from jobs import report_user_error, start_ray
+from jobs import console, report_user_error, start_ray
 from pipelines.config import ConfigError, add_config_arguments, config_from_args
 from pipelines.data.index import list_source_files
 from pipelines.train import PretrainConfig, run_pretraining
@@ -31,9 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as error:  # before any worker starts
         print(f"config error: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    console()
 
     # Ray Data's per-operator bars stay off (start_ray): redrawn from every worker into one log,
     # they would bury the training loop's step, rate and ETA.

@@ -264,8 +264,8 @@ def load_into(
     missing = result.missing_keys
     if any(k.startswith("encoder.") for k in missing) or (strict and missing):
         raise ValueError(f"checkpoint lacks parameters: {missing[:5]}")
-    if missing:
-        log.warning(
+    if missing:  # expected: a classifier started from a masked LM gets a new decoder
+        log.info(
             "newly initialised (not in the checkpoint): %s",
             sorted({k.split(".")[0] for k in missing}),
         )

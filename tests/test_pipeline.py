@@ -199,6 +199,9 @@ def test_submitted_pipeline_registers_a_champion_that_predicts(submitted, cluste
     for stage in ("pretrain", "finetune-imdb", "evaluate", "promote", "showcase"):
         assert f"{stage}" in submitted.logs
     assert "fill-mask:" in submitted.logs and "MLflow" in submitted.logs  # where to look
+    # A quiet console: no library's progress bars, no notes on what fine-tuning expects.
+    for noise in ("Downloading artifacts", "it/s]", "newly initialised"):
+        assert noise not in submitted.logs, noise
     loaded = load_model(
         "models:/perceiver-imdb@champion", tracking_uri=cluster.tracking_uri, expect="classifier"
     )

@@ -219,7 +219,7 @@ class _Driver:
             "%s: parent run %s (%s); %d stage(s) to run, %d finished before",
             self.prefix,
             self.parent_id,
-            "resumed" if parent is not None else "new",
+            "the recipe's" if self.nested else "resumed" if parent is not None else "new",
             len(to_run),
             len(skipped),
         )
