@@ -51,6 +51,18 @@ def test_config_mistakes_name_the_key(tmp_path: Path) -> None:
         ["jobs.finetune", "--config", str(finetune), "--set", "stages.0.epoch=3"], tmp_path
     )
     assert result.returncode == 2 and "stages.0.epoch: unknown key" in result.stderr
+    # A file store, which this MLflow refuses with a traceback of its own.
+    store = (tmp_path / "mlruns").as_uri()
+    result, _ = run_job(
+        ["jobs.finetune", "--config", str(finetune), "--set", f"tracking.tracking_uri={store}"],
+        tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: tracking.tracking_uri: {store!r} is an MLflow file store, which this MLflow no "
+        "longer opens; use sqlite:///<folder>/mlflow.db or a server's http:// URL (or set "
+        "MLFLOW_ALLOW_FILE_STORE=true to keep the file store)"
+    ]
     result, _ = run_job(
         ["jobs.pipeline", "--config", str(DEMO), "--set", "stages.1.inputs.init_model=x.y"],
         REPO,

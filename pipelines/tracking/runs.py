@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import UserError
+
 log = logging.getLogger(__name__)
 
 _PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a parameter value
@@ -37,6 +39,17 @@ def resolve_tracking(configured: str | None, workdir: Path | None = None) -> Tra
     and must open the same store.
     """
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if (
+        uri
+        and _is_file_store(uri)
+        and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true"
+    ):
+        where = "tracking.tracking_uri" if configured else "MLFLOW_TRACKING_URI"
+        raise TrackingStoreError(
+            f"{where}: {uri!r} is an MLflow file store, which this MLflow no longer opens; use "
+            "sqlite:///<folder>/mlflow.db or a server's http:// URL (or set "
+            "MLFLOW_ALLOW_FILE_STORE=true to keep the file store)"
+        )
     if uri and uri.startswith("sqlite:///"):
         # A local store: artifacts beside the database, not in whatever directory a process
         # happens to run in (MLflow's default, ./mlruns, differs between driver and workers).
@@ -46,6 +59,16 @@ def resolve_tracking(configured: str | None, workdir: Path | None = None) -> Tra
         return TrackingTarget(uri, None)
     base = (workdir or Path.cwd()).resolve()
     return TrackingTarget(f"sqlite:///{base / 'mlflow.db'}", (base / "mlartifacts").as_uri())
+
+
+class TrackingStoreError(UserError):
+    """A tracking URI that MLflow would refuse with a traceback."""
+
+
+def _is_file_store(uri: str) -> bool:
+    """A ``file:`` URI or a bare path (``./mlruns``): MLflow's file store."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    return scheme in ("", "file") and not uri.startswith(("databricks", "uc:"))
 
 
 def client_for(target: TrackingTarget) -> Any:
