@@ -169,6 +169,26 @@ def mask_bytes(ids, sids, epoch, mcfg, byte_mask=False):
     return x, labels
 
 
+def masked_loss(model, x, y):
+    """(mean loss over the masked bytes, their logits, their targets) for either model."""
+    out = model(x, labels=y)
+    targets = getattr(out, "targets", y)  # ours decodes the masked positions only
+    keep = targets != -100
+    return out.loss, out.logits[keep], targets[keep]
+
+
+def bert(crop_len: int) -> torch.nn.Module:
+    """The byte-level BERT of the issue (4 layers, hidden 128, 0.9M parameters)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(
+        vocab_size=262, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=512, max_position_embeddings=crop_len, type_vocab_size=1,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return BertForMaskedLM(cfg)
+
+
 def evaluate(model, ids, sids, mcfg, byte_mask, batch=64):
     model.eval()
     tot_loss = tot_n = correct = 0
@@ -177,11 +197,11 @@ def evaluate(model, ids, sids, mcfg, byte_mask, batch=64):
             x, y = mask_bytes(ids[s : s + batch], sids[s : s + batch], 0, mcfg, byte_mask)
             x = torch.from_numpy(x.astype(np.int64))
             y = torch.from_numpy(y.astype(np.int64))
-            out = model(x, labels=y)
-            n = int((out.targets != -100).sum())
-            tot_loss += float(out.loss) * n
+            loss, logits, targets = masked_loss(model, x, y)
+            n = len(targets)
+            tot_loss += float(loss) * n
             tot_n += n
-            correct += int(((out.logits.argmax(-1) == out.targets) & (out.targets != -100)).sum())
+            correct += int((logits.argmax(-1) == targets).sum())
     model.train()
     return tot_loss / tot_n, correct / tot_n
 
@@ -212,7 +232,9 @@ def main() -> None:
     }
     if a.latents:
         over["num_latents"] = a.latents
-    model = PerceiverForMaskedLM(get_preset(a.preset, **over))
+    model = (
+        bert(a.crop) if a.preset == "bert" else PerceiverForMaskedLM(get_preset(a.preset, **over))
+    )
     if a.init == "routing":
         routing_init(
             model,
@@ -247,7 +269,7 @@ def main() -> None:
         lr = a.lr * min(1.0, (step + 1) / 30)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = model(x, labels=y).loss
+        loss = masked_loss(model, x, y)[0]
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
