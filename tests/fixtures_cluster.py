@@ -90,9 +90,10 @@ class RayNode:
 
 
 class LocalCluster:
-    """Head (2 CPUs for the driver's data tasks, no training slot) and two worker nodes with one
+    """Head (2 CPUs for the driver's data tasks, no ``trainer`` slot) and two worker nodes with one
     CPU and one ``trainer`` slot each, so a job that asks for ``{"trainer": 1}`` per worker gets
-    one worker per worker node."""
+    one worker per worker node. The head's one ``finetuner`` slot puts a worker on the head, a
+    node where no pretraining worker ran."""
 
     def __init__(self, root: Path) -> None:
         # Node temp folders under a short path: Ray's sockets live there, and a Unix socket's
@@ -104,6 +105,7 @@ class LocalCluster:
             "--head",
             f"--port={self.port}",
             "--num-cpus=2",
+            '--resources={"finetuner": 1}',
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}",

@@ -7,8 +7,10 @@ one per worker node) loses a worker node's raylet (SIGKILL) at step 8, goes on w
 grows back to two when the node returns, then loses its driver (SIGKILL) at step 18 and is
 submitted again, resuming from the bucket in the same MLflow run. Every global step trains its
 own crops exactly once, and the steps trained twice (before and after a restart, at different
-group sizes) trained the same crops in the same order, with the same loss. Then a checkpoint
-with a payload planted in it is refused before anything is unpickled.
+group sizes) trained the same crops in the same order, with the same loss. The model it registers
+(its files in the tracking server's bucket) is fine-tuned on the head node, where no pretraining
+worker ran. Then a checkpoint with a payload planted in it is refused before anything is
+unpickled.
 """
 
 from __future__ import annotations
@@ -287,6 +289,60 @@ def test_node_and_driver_lost_every_crop_trained_once_whatever_the_group_size(
     fs = s3_server.filesystem()
     stored = fs.get_file_info(pyarrow.fs.FileSelector(f"{BUCKET}/mlflow", recursive=True))
     assert any(i.path.endswith("model.safetensors") for i in stored)
+
+
+def test_the_registered_model_is_fine_tuned_on_another_node(
+    cluster, lost_run: LostRun, mlflow_server, s3_server, small_imdb_dir: Path, tmp_path: Path
+) -> None:
+    """``jobs.finetune`` on the cluster, its one worker on the head (the only node with a
+    ``finetuner`` slot, and one that never trained): the starting model comes from the registry,
+    its files from the bucket, and the result is registered there too."""
+    import pyarrow.fs
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server.uri, registry_uri=mlflow_server.uri)
+    (version,) = client.search_model_versions(f"run_id = '{lost_run.run_id}'")
+    init = f"models:/{version.name}/{version.version}"
+    args = [
+        "--config", str(REPO / "jobs" / "configs" / "finetune_imdb_tiny.yaml"),
+        f"--set=init={init}",
+        "--set=run.name=cluster-ft",
+        f"--set=run.storage_path=s3://{BUCKET}/cluster-runs",
+        f"--set=tracking.tracking_uri={mlflow_server.uri}",
+        "--set=tracking.experiment=cluster",
+        f"--set=data.path={small_imdb_dir}",
+        "--set=data.files={split}.parquet",
+        "--set=stages.0.epochs=1",
+        "--set=train.num_workers=1",
+        "--set=train.worker_resources.finetuner=1",
+        "--set=register.name=perceiver-imdb-cluster",
+    ]  # fmt: skip
+    log = tmp_path / "finetune.log"
+    with open(log, "wb") as out:
+        job = subprocess.run(
+            [sys.executable, "-m", "jobs.finetune", *args],
+            cwd=REPO,
+            env={**node_env(), "RAY_ADDRESS": cluster.address},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=400,
+        )
+    assert job.returncode == 0, log.read_text()[-3000:]
+    # The summary line; Ray may forward a worker's last lines after it.
+    (summary,) = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    assert summary["model"] == "models:/perceiver-imdb-cluster/1"
+    stage = client.search_runs(
+        [client.get_experiment_by_name("cluster").experiment_id],
+        filter_string="attributes.run_name = 'cluster-ft-classify'",
+    )[0]
+    assert stage.data.tags["finetune.init"] == init
+    assert stage.info.status == "FINISHED"
+    source = client.get_model_version("perceiver-imdb-cluster", "1").source  # models:/<model id>
+    model_id = source.removeprefix("models:/")
+    stored = s3_server.filesystem().get_file_info(
+        pyarrow.fs.FileSelector(f"{BUCKET}/mlflow", recursive=True)
+    )
+    assert any(model_id in i.path and i.path.endswith("model.safetensors") for i in stored)
 
 
 def test_a_checkpoint_with_planted_code_is_refused_before_anything_is_unpickled(
