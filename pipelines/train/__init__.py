@@ -2,7 +2,8 @@
 
 One training core runs on every worker (``core``: seeding, engine, restore, the step loop,
 evaluation, checkpoints, exports, metrics); a task plugs into it (``mlm``: masked-language
-modelling on the crop stream, ``classify``: sequence classification). The drivers start runs
+modelling on the crop stream, ``classify``: sequence classification); ``job`` is the contract
+between them and the drivers (``WorkerJob``, ``Task``). The drivers start runs
 through one launcher (``launch``): ``pretrain.run_pretraining`` and the fine-tuning stages of
 ``finetune``, which ``pipelines.workflow.recipe`` chains into recipes.
 """

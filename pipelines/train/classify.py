@@ -32,7 +32,8 @@ from perceiver_core.flops import step_flops
 from perceiver_core.hf import load_into, load_state_dict
 from perceiver_core.model import PerceiverForSequenceClassification
 from perceiver_core.task_metrics import primary_metric, task_metrics
-from pipelines.train.core import Batch, StartingWeights, WorkerJob, gather_arrays
+from pipelines.train.core import gather_arrays
+from pipelines.train.job import Batch, StartingWeights, WorkerJob
 
 
 @dataclass

@@ -21,7 +21,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import ray.train
@@ -30,124 +30,20 @@ from torch import nn
 
 from perceiver_core.flops import peak_flops
 from perceiver_core.hf import save_pretrained
-from perceiver_core.task_metrics import TaskMetric
 from pipelines.console import captured_stdout, quiet
-from pipelines.tracking.config import TrackingConfig
-from pipelines.tracking.models import resolve_model
-from pipelines.tracking.registry import Lineage
 from pipelines.tracking.sink import MetricsSink, MlflowSink, MultiSink, build_sink
 from pipelines.train import export
 from pipelines.train.checkpoint import HF_DIR, Checkpointer, TrainState
-from pipelines.train.config import DebugSection, EngineSection
 from pipelines.train.engine import (
     build_engine,
     full_fp32_state_dict,
     global_grad_norm,
     needs_manual_grad_norm,
 )
+from pipelines.train.job import WorkerJob
 from pipelines.train.metrics import Interval, ProgressLine, interval_metrics, progress, section
-from pipelines.train.optim import OptimizerConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Batch:
-    """One micro-batch: the model's inputs, and what the metrics count of it."""
-
-    inputs: dict[str, torch.Tensor]
-    examples: int
-    real_bytes: int  # non-padding input bytes
-    targets: int  # what the loss averages over (masked bytes, or examples)
-    flops: float  # training FLOPs of the micro-batch
-
-
-@dataclass(frozen=True)
-class StartingWeights:
-    """Trained weights a run starts from: ``folder`` as the driver sees it, and ``source`` (a
-    registry URI, run id, ...) from which a node that cannot see the folder fetches them."""
-
-    folder: str
-    source: str
-    tracking_uri: str
-
-    def local(self) -> Path:
-        if (Path(self.folder) / "config.json").is_file():
-            return Path(self.folder)
-        return resolve_model(self.source, tracking_uri=self.tracking_uri).hf_dir
-
-
-class Task(Protocol):
-    """What a task supplies to the core (see ``pipelines.train.mlm`` for an example)."""
-
-    metric: TaskMetric  # the evaluation value that picks the best weights and stops early
-    per_byte_loss: bool  # the loss is per byte (log it in bits per byte too)
-
-    def steps_per_epoch(self, batch_size: int) -> int: ...  # 0: a stream without epochs
-    def build_model(self) -> nn.Module: ...  # with its starting weights
-    def batch(self, step: int, micro: int, size: int, device: torch.device) -> Batch: ...
-    def evaluate(self, engine: Any) -> dict[str, float]: ...  # a collective; same on all ranks
-    def train_metrics(self) -> dict[str, float]: ...  # logged with the training metrics
-    def checkpoint_metrics(self) -> dict[str, float]: ...  # reported with each checkpoint
-    def before_checkpoint(self) -> None: ...  # a collective
-    def state_dict(self) -> dict[str, Any]: ...  # JSON values
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class TaskSpec(Protocol):
-    """The driver's description of a task; builds the task on each worker."""
-
-    def build(self, job: WorkerJob, rank: int, world_size: int) -> Task: ...
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """steps: optimizer steps (0: ``epochs`` passes over the task's data).
-    eval_every: also evaluate every N steps (always at the end, and at each epoch's end).
-    checkpoint_every: checkpoint every N steps (0: after each evaluation); always at the end.
-    export_at: steps whose checkpoint also holds the model in Hugging Face format, registered as
-        ``register_as`` (the final checkpoint always holds it).
-    keep_best: export the weights of each evaluation that improves on the best so far.
-    patience: stop after this many evaluations without improvement (0: never).
-    report_every: report metrics to Ray Train every N steps besides checkpoints (0: never).
-    """
-
-    steps: int = 0
-    epochs: int = 0
-    eval_every: int = 0
-    checkpoint_every: int = 0
-    export_at: tuple[int, ...] = ()
-    keep_best: bool = False
-    patience: int = 0
-    report_every: int = 0
-
-
-@dataclass(frozen=True)
-class WorkerJob:
-    """What the driver resolved before starting the workers, shipped in ``train_loop_config``.
-
-    batch_size: examples per optimizer step over all workers; micro_batch_size: per forward pass
-    and worker (None: ``batch_size / num_workers``, one forward pass per step). Gradient
-    accumulation makes up the rest.
-    """
-
-    name: str  # the Ray Train run (and the progress lines' label)
-    run_id: str
-    tracking_uri: str
-    run_dir: str
-    seed: int
-    task: TaskSpec
-    engine: EngineSection
-    optimizer: OptimizerConfig
-    batch_size: int
-    micro_batch_size: int | None
-    schedule: Schedule
-    tracking: TrackingConfig
-    config_hash: str
-    signing_key: bytes = field(repr=False)  # of the checkpoints (pipelines.train.checkpoint)
-    register_as: str | None = None  # the registered model of the exports at schedule.export_at
-    lineage: Lineage | None = None  # of those exports
-    debug: DebugSection = field(default_factory=DebugSection)
 
 
 @dataclass

@@ -37,8 +37,8 @@ from pipelines.train.config import (
     PretrainConfig,
     TrainConfig,
 )
-from pipelines.train.core import Schedule, StartingWeights, WorkerJob
 from pipelines.train.finetune_config import HASH_EXCLUDE, FinetuneConfig, StageConfig
+from pipelines.train.job import Schedule, StartingWeights, WorkerJob
 from pipelines.train.launch import fit
 from pipelines.train.metrics import section
 from pipelines.train.pretrain import run_pretraining

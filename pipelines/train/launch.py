@@ -22,7 +22,8 @@ from pipelines.console import train_logging
 from pipelines.errors import user_error
 from pipelines.tracking import registry, runs
 from pipelines.tracking.config import TrackingConfig
-from pipelines.train.core import WorkerJob, train_loop_per_worker
+from pipelines.train.core import train_loop_per_worker
+from pipelines.train.job import WorkerJob
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from perceiver_core.model import PerceiverForMaskedLM
 from perceiver_core.task_metrics import TaskMetric
 from pipelines.data.feed import CropFeed, StreamSpec
 from pipelines.data.pretrain import crops_to_torch
-from pipelines.train.core import Batch, StartingWeights, WorkerJob
+from pipelines.train.job import Batch, StartingWeights, WorkerJob
 from pipelines.train.metrics import bits_per_byte
 
 

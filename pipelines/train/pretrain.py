@@ -36,7 +36,7 @@ from pipelines.tracking.models import resolve_model
 from pipelines.train import export
 from pipelines.train.checkpoint import HF_DIR, checkpoint_key
 from pipelines.train.config import HASH_EXCLUDE, PretrainConfig
-from pipelines.train.core import Schedule, StartingWeights, WorkerJob
+from pipelines.train.job import Schedule, StartingWeights, WorkerJob
 from pipelines.train.launch import fit, open_run
 from pipelines.train.metrics import section
 from pipelines.train.mlm import MaskedLMSpec
