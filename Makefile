@@ -3,7 +3,7 @@ PYTHON ?= python3
 # The CPU build of torch, pinned: an unpinned torch pulls the newest CUDA build (gigabytes).
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint unit bench-model bench-gpu bench-tokenizer bench-data bench-train bench-finetune bench-s3 bench-predict
+.PHONY: install demo test lint unit bench-model bench-gpu bench-tokenizer bench-data bench-train bench-finetune bench-s3 bench-predict bench-wait
 
 install:
 	$(PYTHON) -m pip install --quiet $(TORCH)
@@ -47,6 +47,9 @@ bench-finetune:
 # Reading documents from an S3-compatible server on 127.0.0.1 against local disk (needs moto[server]).
 bench-s3:
 	$(PYTHON) benchmarks/s3_reads.py
+
+bench-wait:
+	$(PYTHON) benchmarks/cluster_data_wait.py
 
 bench-predict:
 	$(PYTHON) benchmarks/batch_predict.py
