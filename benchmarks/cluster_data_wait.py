@@ -22,23 +22,16 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from s3_reads import BUCKET, Server, log
+from s3_reads import BUCKET, Server, free_port, log
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = REPO_ROOT / "jobs" / "configs" / "pretrain_tiny.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_node(args: list[str], temp: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:

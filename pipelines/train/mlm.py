@@ -5,10 +5,11 @@ Every global step trains on the same crops, in the same micro-batches, whatever 
 workers, through restarts and resizes: step ``k`` (counted from the start of the run) takes the
 ``batch_size`` crops at stream positions ``[k * B, (k + 1) * B)``, cut into micro-batches of
 ``size`` crops dealt to the ranks one micro-batch after another (piece ``micro * W + rank``). The
-stream is read once, in order, by a ``CropFeed`` actor (``pipelines.data.feed``) that rank 0 starts for each worker group at
-the restored position; the ranks ask it for positions. So the data position of a checkpoint is a
-number (crops consumed), nothing a lost worker could have moved, and a resumed or resized run
-trains every crop of the stream exactly once, in the order an uninterrupted run would.
+stream is read once, in order, by a ``CropFeed`` actor (``pipelines.data.feed``) that rank 0
+starts for each worker group at the restored position; the ranks ask it for positions. So the data
+position of a checkpoint is a number (crops consumed), nothing a lost worker could have moved, and
+a resumed or resized run trains every crop of the stream exactly once, in the order an
+uninterrupted run would.
 """
 
 from __future__ import annotations
