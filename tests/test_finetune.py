@@ -2,7 +2,7 @@
 Train workers under DeepSpeed to clearly better than chance, registered in a real MLflow server
 with its lineage; a rerun that trains nothing; and the errors that must come before any training.
 (tests/test_model_serving.py fetches a registered classifier back every way a user can;
-tests/test_pipeline.py classifies with a fine-tuned champion.)"""
+tests/cluster/test_pipeline.py classifies with a fine-tuned champion.)"""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Pretraining end to end: real Ray Train with 2 workers, real DeepSpeed ZeRO-3 on CPU (the stage
 that shards weights as well; ZeRO 0-2 are trained by tests/test_train_engine.py, ZeRO 0 on two
-nodes by tests/test_cluster.py), its documents, run storage and checkpoints in a bucket on an
-S3-compatible server, and a real MLflow server whose artifacts are there too; then the
+nodes by tests/cluster/test_elastic.py), its documents, run storage and checkpoints in a bucket on
+an S3-compatible server, and a real MLflow server whose artifacts are there too; then the
 registered model. The run is the session's ``pretrained_run`` (tests/fixtures_train.py), which
 the fine-tuning tests start from."""
 

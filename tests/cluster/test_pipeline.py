@@ -1,13 +1,16 @@
-"""The whole product on a real local cluster: a Ray head and an MLflow server started by
-infra/local/start.sh on 127.0.0.1, the tiny pipeline submitted with ``ray job submit
---working-dir .``, stopped while fine-tuning and submitted again, the champion fetched from the
-registry in this process; and scheduled retraining, twice on the same data."""
+"""The whole product on the package's three-node cluster, with every training stage's run storage
+and checkpoints in a bucket on the S3-compatible server and a tracking server whose artifacts are
+there too: the tiny pipeline submitted with ``ray job submit --working-dir . -- ... --storage-path
+s3://...``, its driver killed (SIGKILL) once fine-tuning has committed a checkpoint and submitted
+again, the champion fetched from the registry in this process; and scheduled retraining, twice on
+the same data."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -15,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fixtures_train import REPO, TEST_REVIEWS
-from local_services import clean_env, exports, free_ports, run, script
+from fixtures_s3 import BUCKET
+from fixtures_train import REPO, TEST_REVIEWS, MlflowServer
+from local_services import clean_env, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 
@@ -38,44 +42,24 @@ def shorter(imdb: Path, epochs: int) -> list[str]:
 
 
 @dataclass
-class Cluster:
-    dashboard: str
-    tracking_uri: str
-    env: dict[str, str]
+class Tracking:
+    uri: str
+    storage: str  # the pipeline's --storage-path: run storage and checkpoints in the bucket
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    state = Path(tmp_path_factory.mktemp("cluster"))
-    ray_port, dashboard, client, agent, mlflow_port = free_ports(5)
-    start = script(
-        "start.sh",
-        "--state-dir",
-        str(state),
-        "--ray-port",
-        str(ray_port),
-        "--dashboard-port",
-        str(dashboard),
-        "--ray-client-port",
-        str(client),
-        "--dashboard-agent-port",
-        str(agent),
-        "--mlflow-port",
-        str(mlflow_port),
-        "--num-cpus",
-        "2",
-        "--no-auth",  # a loopback-only test machine; start.sh's own tests cover tokens
-        "--timeout",
-        "150",
+def tracking(cluster, s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracking]:
+    """A tracking server of the pipeline's own (its registry starts empty), its artifacts in the
+    bucket, on the package's cluster once all three nodes are back from the elastic tests."""
+    cluster.wait_for_nodes(3)
+    server = MlflowServer(
+        tmp_path_factory.mktemp("pipeline-mlflow"), artifacts=f"s3://{BUCKET}/pipeline-mlflow"
     )
-    assert start.returncode == 0, start.stdout + start.stderr
+    server.start()
     try:
-        yield Cluster(
-            f"http://127.0.0.1:{dashboard}", f"http://127.0.0.1:{mlflow_port}", exports(state)
-        )
+        yield Tracking(server.uri, f"s3://{BUCKET}/pipeline")
     finally:
-        script("stop.sh", "--state-dir", str(state), "--grace", "5", timeout=120)
-        shutil.rmtree(f"/tmp/perceiver-ray-{os.getuid()}-{ray_port}", ignore_errors=True)
+        server.stop()
 
 
 def ray_cli() -> str:
@@ -85,11 +69,11 @@ def ray_cli() -> str:
 
 
 def submit(
-    cluster: Cluster,
+    cluster,
     job_id: str,
-    tracking_uri: str,
-    storage: Path,
+    tracking: Tracking,
     shared_data: Path,
+    cache: Path,
     module: str = "jobs.pipeline",
     config: str = "jobs/configs/demo.yaml",
     extra: tuple[str, ...] = (),
@@ -98,28 +82,28 @@ def submit(
     runtime_env = {
         "env_vars": {
             "DATA_DIR": str(shared_data),
-            "MLFLOW_TRACKING_URI": tracking_uri,
+            "MLFLOW_TRACKING_URI": tracking.uri,
             "PERCEIVER_CODE_VERSION": "test",
-            "PERCEIVER_MODEL_CACHE": str(storage / "model-cache"),
+            "PERCEIVER_MODEL_CACHE": str(cache),
             "RAY_AUTH_MODE": "disabled",
         }
     }
     command = [
         ray_cli(), "job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
         "--submission-id", job_id, "--no-wait", "--runtime-env-json", json.dumps(runtime_env),
-        "--", "python", "-m", module, "--config", config, "--storage-path", str(storage), *extra,
+        "--", "python", "-m", module, "--config", config, "--storage-path", tracking.storage, *extra,
     ]  # fmt: skip
     result = run(command, cwd=REPO, env=clean_env(RAY_AUTH_MODE="disabled"), timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def job_client(cluster: Cluster):
+def job_client(cluster):
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(cluster.dashboard)
 
 
-def wait(cluster: Cluster, job_id: str, timeout_s: float = 900) -> str:
+def wait(cluster, job_id: str, timeout_s: float = 900) -> str:
     """The job's final status (SUCCEEDED, FAILED, STOPPED) and its logs."""
     client = job_client(cluster)
     deadline = time.monotonic() + timeout_s
@@ -131,7 +115,7 @@ def wait(cluster: Cluster, job_id: str, timeout_s: float = 900) -> str:
     raise TimeoutError(f"job {job_id} still running after {timeout_s} s")
 
 
-def logs(cluster: Cluster, job_id: str) -> str:
+def logs(cluster, job_id: str) -> str:
     return job_client(cluster).get_job_logs(job_id)
 
 
@@ -161,38 +145,46 @@ def registry_state(tracking_uri: str) -> dict[str, dict]:
 @dataclass
 class Submitted:
     logs: str  # of the job that finished
-    storage: str
-    pretrain_run: object  # the pretraining stage's MLflow run, as the stopped job left it
+    pretrain_run: object  # the pretraining stage's MLflow run, as the killed job left it
+    cache: Path  # the jobs' model cache (PERCEIVER_MODEL_CACHE)
 
 
 @pytest.fixture(scope="module")
 def submitted(
-    cluster: Cluster, shared_data: Path, small_imdb_dir: Path, tmp_path_factory
+    cluster,
+    tracking: Tracking,
+    s3_server,
+    shared_data: Path,
+    small_imdb_dir: Path,
+    tmp_path_factory,
 ) -> Submitted:
-    """The tiny pipeline submitted, stopped while fine-tuning, and submitted again."""
+    """The tiny pipeline submitted, its driver killed once fine-tuning has committed a
+    checkpoint to the bucket, and submitted again."""
     from mlflow import MlflowClient
 
-    storage = Path(tmp_path_factory.mktemp("pipeline-storage"))
+    cache = Path(tmp_path_factory.mktemp("model-cache"))
     extra = (
         "--set", "stages.0.params.overrides=[train.steps=60,eval.every=30,checkpoint.every=30]",
         *shorter(small_imdb_dir, epochs=3),
     )  # fmt: skip
-    submit(cluster, "pipeline-1", cluster.tracking_uri, storage, shared_data, extra=extra)
-    client = MlflowClient(cluster.tracking_uri)
-    _wait_for_finetuning(client, cluster, "pipeline-1")
-    job_client(cluster).stop_job("pipeline-1")
-    assert wait(cluster, "pipeline-1", 120) == "STOPPED"
-    pretrain = _stage_run(client, "pretrain")
+    submit(cluster, "pipeline-1", tracking, shared_data, cache, extra=extra)
+    _wait_for_finetuning_checkpoint(s3_server, cluster, "pipeline-1")
+    driver = job_client(cluster).get_job_info("pipeline-1").driver_info
+    os.kill(int(driver.pid), signal.SIGKILL)  # the node's own process table: one machine
+    assert wait(cluster, "pipeline-1", 120) == "FAILED"
+    pretrain = _stage_run(MlflowClient(tracking.uri), "pretrain")
     assert pretrain.info.status == "FINISHED"
 
-    submit(cluster, "pipeline-2", cluster.tracking_uri, storage, shared_data, extra=extra)
+    submit(cluster, "pipeline-2", tracking, shared_data, cache, extra=extra)
     status = wait(cluster, "pipeline-2")
     text = logs(cluster, "pipeline-2")
     assert status == "SUCCEEDED", text[-5000:]
-    return Submitted(text, str(storage), pretrain)
+    return Submitted(text, pretrain, cache)
 
 
-def test_submitted_pipeline_registers_a_champion_that_predicts(submitted, cluster) -> None:
+def test_submitted_pipeline_registers_a_champion_that_predicts(submitted, tracking, s3_server):
+    import pyarrow.fs
+
     from perceiver_core.predict import classify
     from pipelines.tracking.models import load_model
 
@@ -203,23 +195,34 @@ def test_submitted_pipeline_registers_a_champion_that_predicts(submitted, cluste
     for noise in ("Downloading artifacts", "it/s]", "newly initialised"):
         assert noise not in submitted.logs, noise
     loaded = load_model(
-        "models:/perceiver-imdb@champion", tracking_uri=cluster.tracking_uri, expect="classifier"
+        "models:/perceiver-imdb@champion", tracking_uri=tracking.uri, expect="classifier"
     )
     predictions = classify(loaded.model, TEXTS)
     assert {p.label for p in predictions} <= {"neg", "pos"}
     assert all(0.5 <= p.score <= 1.0 for p in predictions)
+    # Both models' files are in the tracking server's bucket, every checkpoint in the run storage.
+    fs = s3_server.filesystem()
+    stored = [
+        i.path
+        for i in fs.get_file_info(pyarrow.fs.FileSelector(BUCKET, recursive=True))
+        if i.path.startswith((f"{BUCKET}/pipeline-mlflow/", f"{BUCKET}/pipeline/"))
+    ]
+    assert sum(p.endswith("model.safetensors") for p in stored if "/pipeline-mlflow/" in p) >= 2
+    assert any("/pipeline/" in p and "/checkpoint_" in p for p in stored)
 
 
-def test_killed_during_finetuning_resumes_without_redoing_anything(submitted, cluster) -> None:
-    """The job stopped while fine-tuning and submitted again: pretraining is not redone, and the
-    registry holds what one uninterrupted run registers (one version of each model, champions)."""
+def test_killed_during_finetuning_resumes_without_redoing_anything(submitted, tracking) -> None:
+    """The driver killed while fine-tuning and the job submitted again: pretraining is not redone,
+    fine-tuning resumes from its checkpoint in the bucket, and the registry holds what one
+    uninterrupted run registers (one version of each model, champions)."""
     from mlflow import MlflowClient
 
     assert "skip" in submitted.logs.lower()
-    again = _stage_run(MlflowClient(cluster.tracking_uri), "pretrain")
+    assert "restored step " in submitted.logs  # fine-tuning, from the bucket
+    again = _stage_run(MlflowClient(tracking.uri), "pretrain")
     assert again.info.run_id == submitted.pretrain_run.info.run_id
     assert again.info.end_time == submitted.pretrain_run.info.end_time  # not run a second time
-    state = registry_state(cluster.tracking_uri)
+    state = registry_state(tracking.uri)
     assert sorted(state["perceiver-imdb"]["versions"]) == ["1"]
     assert state["perceiver-imdb"]["aliases"] == {"champion": "1"}
     assert state["perceiver-mlm"]["aliases"] == {"champion": "1"}  # the champion's parent
@@ -237,40 +240,43 @@ def _stage_run(client, stage: str):
     return runs[0]
 
 
-def _wait_for_finetuning(client, cluster: Cluster, job_id: str, timeout_s: float = 600) -> None:
-    """Until the fine-tuning stage has trained a while (its classify run has logged a loss)."""
+def _wait_for_finetuning_checkpoint(s3_server, cluster, job_id: str, timeout_s: float = 600):
+    """Until the fine-tuning stage has committed a checkpoint to the bucket (its Ray Train run's
+    snapshot names one)."""
+    import pyarrow.fs
+
+    fs = s3_server.filesystem()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        experiment = client.get_experiment_by_name("perceiver-pipeline")
-        if experiment is not None:
-            found = client.search_runs(
-                [experiment.experiment_id],
-                filter_string="attributes.run_name LIKE '%finetune-imdb-classify'",
-            )
-            if found and "train/loss" in found[0].data.metrics:
-                return
+        found = fs.get_file_info(
+            pyarrow.fs.FileSelector(f"{BUCKET}/pipeline", recursive=True, allow_not_found=True)
+        )
+        for info in found:
+            if "finetune" in info.path and info.path.endswith("checkpoint_manager_snapshot.json"):
+                with fs.open_input_stream(info.path) as f:
+                    if b"checkpoint_" in f.read():
+                        return
         status = str(job_client(cluster).get_job_status(job_id))
         assert not status.endswith(("FAILED", "SUCCEEDED")), logs(cluster, job_id)[-3000:]
         time.sleep(2)
-    raise TimeoutError("fine-tuning never started")
+    raise TimeoutError("fine-tuning committed no checkpoint")
 
 
 def test_retraining_promotes_only_a_better_model_and_repeats_as_a_no_op(
-    submitted, cluster, shared_data, small_imdb_dir
+    submitted, cluster, tracking, shared_data, small_imdb_dir
 ) -> None:
     from mlflow import MlflowClient
 
-    storage = submitted.storage
-    before = registry_state(cluster.tracking_uri)
+    before = registry_state(tracking.uri)
     retrain = {
         "module": "jobs.retrain",
         "config": "jobs/configs/retrain_tiny.yaml",
         "extra": tuple(shorter(small_imdb_dir, epochs=1)),
     }
-    submit(cluster, "retrain-1", cluster.tracking_uri, Path(storage), shared_data, **retrain)
+    submit(cluster, "retrain-1", tracking, shared_data, submitted.cache, **retrain)
     status = wait(cluster, "retrain-1")
     assert status == "SUCCEEDED", logs(cluster, "retrain-1")[-5000:]
-    after = registry_state(cluster.tracking_uri)
+    after = registry_state(tracking.uri)
     new = set(after["perceiver-imdb"]["versions"]) - set(before["perceiver-imdb"]["versions"])
     assert len(new) == 1
     (version,) = new
@@ -283,12 +289,12 @@ def test_retraining_promotes_only_a_better_model_and_repeats_as_a_no_op(
     promoted = after["perceiver-imdb"]["aliases"].get("champion") == version
     assert promoted == (challenger >= champion)
     assert promoted == (tags["promotion.decision"] == "champion")
-    client = MlflowClient(cluster.tracking_uri, registry_uri=cluster.tracking_uri)
+    client = MlflowClient(tracking.uri, registry_uri=tracking.uri)
     parent = client.get_model_version("perceiver-imdb", version).tags["lineage.parent"]
     assert parent.startswith("models:/perceiver-mlm/")
 
-    submit(cluster, "retrain-2", cluster.tracking_uri, Path(storage), shared_data, **retrain)
+    submit(cluster, "retrain-2", tracking, shared_data, submitted.cache, **retrain)
     status = wait(cluster, "retrain-2")
     text = logs(cluster, "retrain-2")
     assert status == "SUCCEEDED", text[-5000:]
-    assert registry_state(cluster.tracking_uri) == after  # the same data: nothing changes
+    assert registry_state(tracking.uri) == after  # the same data: nothing changes

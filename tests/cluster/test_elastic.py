@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,16 +37,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 
 STEPS = 40
 CROPS_PER_STEP = 64  # the tiny config's global batch, whatever the number of workers
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, s3_server) -> Iterator[LocalCluster]:
-    rig = LocalCluster(tmp_path_factory.mktemp("cluster"))
-    try:
-        rig.start()
-        yield rig
-    finally:
-        rig.stop()
 
 
 def wait_for(predicate, timeout_s: float, what: str, job: subprocess.Popen | None = None) -> None:
