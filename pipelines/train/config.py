@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from perceiver_core.config import PRESETS, PerceiverConfig, get_preset
+from perceiver_core.init import InitRecipe
 from pipelines.data.config import PretrainDataConfig
 from pipelines.tracking.config import TrackingConfig
 from pipelines.train.optim import OptimizerConfig
@@ -57,11 +58,15 @@ class ModelSection:
         (``models:/perceiver-mlm@champion``), an MLflow run id, a checkpoint folder or a Hugging
         Face format directory. Its config.json gives the shapes (``preset`` is then unused;
         ``overrides`` still apply, e.g. dropout). Continued pretraining and MLM adaptation.
+    init: how a fresh model's weights start (``perceiver_core.init.InitRecipe``, whose module
+        says what each key does); the default is transformers' initialisation. Not with
+        ``init_from``.
     """
 
     preset: str = "language-perceiver"
     overrides: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None
+    init: InitRecipe = field(default_factory=InitRecipe)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -74,6 +79,11 @@ class ModelSection:
                 f"{sorted(known)}"
             )
         self.perceiver_config()  # PerceiverConfig's own checks, now rather than on a worker
+        if self.init_from is not None and not self.init.is_standard:
+            raise ValueError(
+                "init sets how fresh weights start, and init_from starts from trained ones: "
+                "drop one of them"
+            )
 
     def perceiver_config(self) -> PerceiverConfig:
         return get_preset(self.preset, **self.overrides)

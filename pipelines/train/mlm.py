@@ -18,7 +18,7 @@ import json
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from perceiver_core.config import PerceiverConfig
 from perceiver_core.flops import step_flops
 from perceiver_core.hf import load_into, load_state_dict
+from perceiver_core.init import InitRecipe, apply_init
 from perceiver_core.masking import IGNORE_INDEX
 from perceiver_core.model import PerceiverForMaskedLM
 from perceiver_core.task_metrics import TaskMetric
@@ -55,6 +56,7 @@ class MaskedLMSpec:
     # while they start up): ``ray.ObjectRef`` to ``held_out_batches``' list.
     validation: Any
     start: StartingWeights | None = None  # continued pretraining, MLM adaptation
+    init: InitRecipe = field(default_factory=InitRecipe)  # how fresh weights start
 
     def build(self, job: WorkerJob, rank: int, world_size: int) -> MaskedLM:
         return MaskedLM(self, job, rank, world_size)
@@ -82,7 +84,9 @@ class MaskedLM:
 
     def build_model(self) -> PerceiverForMaskedLM:
         model = PerceiverForMaskedLM(self.spec.model_config)
-        if self.spec.start is not None:
+        if self.spec.start is None:
+            apply_init(model, self.spec.init, self.spec.stream.data.packing.crop_len)
+        else:
             # A classifier's encoder keeps a freshly initialised MLM decoder (which is logged).
             load_into(model, load_state_dict(self.spec.start.local()), strict=False)
         return model

@@ -117,6 +117,7 @@ def run_pretraining(
             # The first eval_crops crops of the held-out split, the same at every validation.
             validation=held_out.remote(validation, eval_crops, cfg.eval.batch_size),
             start=start,
+            init=cfg.model.init,
         ),
         engine=t,
         optimizer=t.optimizer,

@@ -1,0 +1,169 @@
+"""A starting point for masked-LM pretraining that leaves the byte-unigram plateau early.
+
+From transformers' initialisation (every weight N(0, 0.02)), a byte-level Perceiver IO sits on the
+plateau where it predicts byte frequencies for a long time: every latent starts out reading the
+same average of the whole input, every decoder query the same average of the latents, and the
+logits, tied to an embedding of std 0.02, barely move with what little reaches them. Measured on
+a 2-core CPU (benchmarks/pretrain_recipe.py), the small preset stays there whatever the learning
+rate; it cannot even learn to copy a masked byte from its neighbour (text with every character
+doubled) in 300 steps.
+
+``InitRecipe`` changes initial values only (shapes, and so the weights' compatibility with
+transformers' ``PerceiverForMaskedLM``, are unchanged):
+
+- routing: position codes (sinusoids over the crop) in a block of the input and latent channels,
+  and attention projections that compare them, so that latent ``i`` starts out reading its window
+  of ``crop_len / num_latents`` bytes (cross-attention head ``h`` its ``h``-th part) and decoder
+  query ``p`` the latents around the one whose window holds ``p`` (head ``h`` at
+  ``decoder_offsets[h]`` latents from it);
+- ``embed_std``: the byte embedding, which the output logits are tied to, wide enough that the
+  logits can express what the decoder reads;
+- ``cross_value_std``: what the encoder's cross-attention writes into the latents (its value and
+  output projections), large enough not to drown under the latents' own codes;
+- ``zero_latent_branches``: the latent self-attention stack starts as the identity (its attention
+  output and MLP output projections at zero, as in ReZero-style initialisations), so the bytes each
+  latent read arrive at the decoder undiluted; training grows the branches from the first step;
+- ``decoder_out_gain``: the decoder's attention output projection scaled up by this factor.
+
+Each part alone leaves the model on the plateau; together, on 128-byte crops, the small preset
+passes a byte-level BERT of similar size (see the README's figures).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from perceiver_core.model import PerceiverForMaskedLM
+
+
+@dataclass(frozen=True)
+class InitRecipe:
+    routing: bool = False
+    route_sharpness: float = 8.0  # max minus mean attention logit of a routed query
+    decoder_offsets: tuple[int, ...] = (0,)  # per decoder head, cycled
+    code_scale: float = 0.5  # of the latents' position codes
+    embed_std: float | None = None
+    cross_value_std: float | None = None
+    zero_latent_branches: bool = False
+    decoder_out_gain: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("route_sharpness", "code_scale", "embed_std", "cross_value_std"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.decoder_out_gain is not None and self.decoder_out_gain <= 0:
+            raise ValueError(f"decoder_out_gain must be positive, got {self.decoder_out_gain}")
+        if not self.decoder_offsets:
+            raise ValueError("decoder_offsets must name at least one offset")
+
+    @property
+    def is_standard(self) -> bool:
+        return self == InitRecipe()
+
+
+def sinusoids(positions: torch.Tensor, dims: int, period: float) -> torch.Tensor:
+    """(N,) positions -> (N, dims) codes [cos(2 pi k p / period), sin(...)], k = 1..dims/2, of
+    unit norm per row."""
+    k = torch.arange(1, dims // 2 + 1, dtype=torch.float32)
+    angle = 2 * math.pi * positions[:, None].float() * k[None, :] / period
+    return torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1) / math.sqrt(dims // 2)
+
+
+def shift(dims: int, by: float, period: float) -> torch.Tensor:
+    """The linear map taking ``sinusoids(p)`` to ``sinusoids(p - by)``: one rotation per
+    frequency."""
+    half = dims // 2
+    angle = 2 * math.pi * by * torch.arange(1, half + 1, dtype=torch.float32) / period
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    i = torch.arange(half)
+    rot = torch.zeros(dims, dims)
+    rot[i, i], rot[i, i + half] = cos, sin
+    rot[i + half, i], rot[i + half, i + half] = -sin, cos
+    return rot
+
+
+def _logit_gap(attn, queries: torch.Tensor, keys: torch.Tensor, heads: int) -> torch.Tensor:
+    """Mean over queries and heads of (max - mean) attention logit."""
+    q = attn.q(attn.q_norm(queries))
+    k = attn.k((attn.q_norm if attn.kv_norm is None else attn.kv_norm)(keys))
+    q = q.view(q.shape[0], heads, -1).transpose(0, 1)
+    k = k.view(k.shape[0], heads, -1).transpose(0, 1)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return (logits.max(-1).values - logits.mean(-1)).mean()
+
+
+@torch.no_grad()
+def apply_init(model: PerceiverForMaskedLM, recipe: InitRecipe, crop_len: int) -> None:
+    """Re-initialise ``model`` (freshly built, transformers' initialisation) by ``recipe`` for
+    pretraining on ``crop_len``-byte crops. Deterministic given torch's seed."""
+    enc, dec = model.encoder, model.decoder
+    if recipe.embed_std is not None:
+        enc.embed.weight.normal_(std=recipe.embed_std)
+    if recipe.zero_latent_branches:
+        for layer in enc.layers:
+            layer.attn.out.weight.zero_()
+            layer.mlp.fc2.weight.zero_()
+    if recipe.decoder_out_gain is not None:
+        dec.block.attn.out.weight.mul_(recipe.decoder_out_gain)
+    if recipe.cross_value_std is not None:
+        for linear in (enc.cross.attn.v, enc.cross.attn.out):
+            linear.weight.normal_(std=recipe.cross_value_std)
+    if recipe.routing:
+        _route(model, recipe, crop_len)
+
+
+def _route(model: PerceiverForMaskedLM, recipe: InitRecipe, crop_len: int) -> None:
+    c = model.config
+    enc, dec = model.encoder, model.decoder
+    cross, dattn = enc.cross.attn, dec.block.attn
+    heads, dheads = c.num_cross_attention_heads, c.decoder_num_heads
+    dq, dqd = c.cross_attention_qk_channels // heads, c.decoder_qk_channels // dheads
+    n, length = c.num_latents, crop_len
+    if dq + dqd > c.d_latents or dq > c.d_model or dqd > c.d_model:
+        raise ValueError(
+            f"routing needs {dq} + {dqd} latent channels and {max(dq, dqd)} input channels for its "
+            f"position codes; this model has {c.d_latents} and {c.d_model}"
+        )
+    window = length / n
+    positions = torch.arange(c.max_position_embeddings)
+    # Inputs: the position code in channels [0, dq), as large as a byte embedding.
+    amplitude = enc.embed.weight.std() * math.sqrt(dq)
+    enc.pos_embed.weight.zero_()
+    enc.pos_embed.weight[:, :dq] = sinusoids(positions, dq, length) * amplitude
+    # Latents: where their window starts in [0, dq), their index in [dq, dq + dqd).
+    scale = recipe.code_scale
+    starts = torch.arange(n).float() * window
+    enc.latents[:, :dq] = sinusoids(starts, dq, length) * math.sqrt(dq) * scale
+    enc.latents[:, dq : dq + dqd] = sinusoids(torch.arange(n), dqd, n) * math.sqrt(dqd) * scale
+    # Encoder cross-attention head h: the latent's code moved to part h of its window, against
+    # the input's position code.
+    cross.q.bias.zero_()
+    cross.k.bias.zero_()
+    for h in range(heads):
+        rows = slice(h * dq, (h + 1) * dq)
+        cross.q.weight[rows] = 0
+        cross.q.weight[rows, :dq] = shift(dq, -(h + 0.5) * window / heads, length)
+        cross.k.weight[rows] = 0
+        cross.k.weight[rows, :dq] = torch.eye(dq)
+    byte_ids = torch.randint(0, c.vocab_size, (length,))
+    sample = enc.embed.weight[byte_ids] + enc.pos_embed.weight[:length]
+    cross.q.weight.mul_(recipe.route_sharpness / _logit_gap(cross, enc.latents, sample, heads))
+    # Decoder query p: the index of the latent whose window holds p, in [0, dqd); head h compares
+    # it with the latents' index codes shifted by its offset.
+    owner = torch.clamp((positions.float() / window).floor(), max=n - 1)
+    dec.queries[:, :dqd] = sinusoids(owner, dqd, n) * math.sqrt(dqd)
+    dattn.q.bias.zero_()
+    dattn.k.bias.zero_()
+    offsets = recipe.decoder_offsets
+    for h in range(dheads):
+        rows = slice(h * dqd, (h + 1) * dqd)
+        dattn.q.weight[rows] = 0
+        dattn.q.weight[rows, :dqd] = torch.eye(dqd)
+        dattn.k.weight[rows] = 0
+        dattn.k.weight[rows, dq : dq + dqd] = shift(dqd, offsets[h % len(offsets)], n)
+    gap = _logit_gap(dattn, dec.queries[:length], enc.latents, dheads)
+    dattn.q.weight.mul_(recipe.route_sharpness / gap)
