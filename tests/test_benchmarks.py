@@ -1,12 +1,15 @@
-"""The GPU check runs on CPU with the tiny preset, so that the script a GPU day depends on never
-rots: it must give one JSON line with parity, SDPA kernels and throughput (no speed is asserted)."""
+"""Benchmarks that must not rot: the GPU check runs on CPU with the tiny preset (one JSON line with
+parity, SDPA kernels and throughput; no speed is asserted), and the pretraining recipe's
+comparison runs a few steps of each model."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 from fixtures_train import REPO
 
 
@@ -33,3 +36,25 @@ def test_gpu_check_runs_on_cpu_with_the_tiny_preset() -> None:
     (run,) = result["throughput"]
     assert set(run["bytes_per_s"]) == {"hf_fp32", "hf_bf16", "ours_bf16_decode_masked"}
     assert run["speedup"] > 0 and run["ours_tflops"] > 0
+
+
+@pytest.mark.shared_data
+def test_the_recipe_benchmark_prints_its_curves_and_writes_the_plot(shared_data, tmp_path) -> None:
+    """A few steps of each model on a few documents: the JSON the README's figures come from, and
+    the PNG it shows (no learning is asserted in so few steps)."""
+    plot = tmp_path / "curves.png"
+    command = [
+        *(sys.executable, "benchmarks/pretrain_recipe.py", "--steps", "4", "--eval-every", "2"),
+        *("--docs", "300", "--plot", str(plot)),
+    ]
+    env = {**os.environ, "PERCEIVER_SHARED_DATA": str(shared_data)}
+    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result["results"]) == {"recipe", "standard", "bert"}
+    for run in result["results"].values():
+        assert [p["step"] for p in run["curve"]] == [2, 4]
+        assert 0.0 < run["end"]["val_loss"] < 10 and 0.0 <= run["end"]["accuracy"] <= 1.0
+    assert result["settings"]["init"]["routing"] is True  # read from the recipe's config
+    assert {"cpu", "amx", "threads", "versions"} <= set(result["machine"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
