@@ -25,8 +25,10 @@ transformers' ``PerceiverForMaskedLM``, are unchanged):
   latent read arrive at the decoder undiluted; training grows the branches from the first step;
 - ``decoder_out_gain``: the decoder's attention output projection scaled up by this factor.
 
-Each part alone leaves the model on the plateau; together, on 128-byte crops, the small preset
-passes a byte-level BERT of similar size (see the README's figures).
+Removed one at a time from the five, routing, ``embed_std`` and ``decoder_out_gain`` each leave
+the model on the plateau, and the other two each cost a little (benchmarks/pretrain_recipe.py's
+docstring); with all five, on 128-byte crops, the small preset passes a byte-level BERT of
+similar size (the README's figures).
 """
 
 from __future__ import annotations
