@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import json
 import os
 import sys
@@ -43,12 +42,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
+from machine import describe
+from tokenizer_throughput import load_texts
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.machine import describe
 from perceiver_core.init import InitRecipe, apply_init
 from perceiver_core.masking import mask_batch
 from perceiver_core.model import PerceiverForMaskedLM
@@ -64,14 +61,8 @@ HELD_OUT = 256
 
 def load_docs(limit: int) -> list[str]:
     """Wikipedia and C4 documents of the sample, shuffled with a fixed seed."""
-    docs = []
-    for i in range(2):
-        table = pq.read_table(
-            f"{DATA}/wikipedia/20150501.en/train-0000{i}-of-00002.parquet", columns=["text"]
-        )
-        docs += table.column("text").to_pylist()
-    with gzip.open(f"{DATA}/c4/en/c4-train.00000-of-00001.json.gz", "rt") as f:
-        docs += [json.loads(line)["text"] for line in f]
+    texts = load_texts(Path(DATA))
+    docs = texts["wikipedia"] + texts["c4"]
     np.random.default_rng(0).shuffle(docs)
     return docs[:limit]
 
