@@ -53,12 +53,12 @@ class InitRecipe:
     decoder_out_gain: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("route_sharpness", "code_scale", "embed_std", "cross_value_std"):
+        positive = ("route_sharpness", "code_scale", "embed_std", "cross_value_std",
+                    "decoder_out_gain")  # fmt: skip
+        for name in positive:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-        if self.decoder_out_gain is not None and self.decoder_out_gain <= 0:
-            raise ValueError(f"decoder_out_gain must be positive, got {self.decoder_out_gain}")
         if not self.decoder_offsets:
             raise ValueError("decoder_offsets must name at least one offset")
 
