@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
+from machine import describe
 
 from perceiver_core import hf
 from perceiver_core.config import get_preset
@@ -125,7 +126,6 @@ def main() -> None:
                 "files": args.files,
                 "mean_review_bytes": round(sum(len(t.encode()) for t in texts) / len(texts)),
                 "max_positions": config.max_position_embeddings,
-                "cpus": os.cpu_count(),
                 "ours_rows_per_s": round(ours_rate, 1),
                 "ours_seconds": round(ours_s, 2),
                 "ours_scoring_seconds": round(result.seconds, 2),
@@ -134,6 +134,7 @@ def main() -> None:
                 "speedup_vs_best": round(ours_rate / best, 2),
                 "labels_agree": agree,
                 "label_counts": {x: ours_labels.count(x) for x in sorted(set(ours_labels))},
+                "machine": describe(),
             }
         )
     )

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -28,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import describe
 from s3_reads import BUCKET, Server, free_port, log
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -153,8 +153,6 @@ def main() -> None:
             "s3": run_job("s3", f"s3://{BUCKET}/data", args, job_env, store),
             "local": run_job("local", str(args.data_dir.resolve()), args, job_env, store),
         }
-        import ray
-        import torch
 
         summary = {
             "benchmark": "two-node pretraining, data wait",
@@ -162,11 +160,7 @@ def main() -> None:
             "steps": args.steps,
             "workers": 2,
             **sides,
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "ray": ray.__version__,
-            "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
+            "machine": describe(),
         }
     finally:
         for node in reversed(nodes):

@@ -27,12 +27,12 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import describe
 
 from pipelines.config import load_config
 from pipelines.data import MixtureConfig, PretrainDataConfig, build_index
@@ -213,14 +213,7 @@ def main() -> None:
     summary["speedup"] = round(ours / theirs, 1)
     summary.update(measure_pipeline(cfg, args.pipeline_crops, args.task_crops))
     summary["h100s_fed_by_this_machine"] = round(summary["pipeline_mb_per_s"] / H100_MB_PER_S, 1)
-    summary.update(
-        {
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-        }
-    )
+    summary["machine"] = describe()
     print(json.dumps(summary))
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import transformers
+from machine import describe
 
 from perceiver_core import hf
 from perceiver_core.config import get_preset
@@ -157,8 +158,7 @@ def main() -> None:
                 ),
                 "speedup_vs_per_batch": round(seconds["hf_padded_per_batch"] / seconds["ours"], 2),
                 "speedup_vs_best": round(best_hf / seconds["ours"], 2),
-                "threads": torch.get_num_threads(),
-                "torch": torch.__version__,
+                "machine": describe(),
             }
         )
     )

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +45,7 @@ import transformers
 # A bare GPU machine has a copy of the repository and no installation of it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import describe
 from model_throughput import hf_loss, make_batches, model_builders, ours_loss, time_training
 
 import perceiver_core.model as perceiver_model
@@ -63,6 +63,11 @@ BF16_RELATIVE_TOLERANCE = 0.02
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def significant(value: float, digits: int = 3) -> float:
+    """Three significant digits, so that a tiny preset on a slow CPU does not round to zero."""
+    return float(f"{value:.{digits}g}")
 
 
 def synchronize(device: torch.device) -> None:
@@ -331,8 +336,8 @@ def throughput(
             hf_best_setting=hf_best,
             ours_best_setting=ours_best,
             speedup=round(hf_side[hf_best] / ours_side[ours_best], 3),
-            ours_tflops=round(flops / ours_side[ours_best] / 1e12, 3),
-            ours_mfu_vs_measured_bf16_peak=round(flops / ours_side[ours_best] / peak_bf16, 4),
+            ours_tflops=significant(flops / ours_side[ours_best] / 1e12),
+            ours_mfu_vs_measured_bf16_peak=significant(flops / ours_side[ours_best] / peak_bf16),
         )
     return result
 
@@ -357,16 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     seq = min(args.seq, config.max_position_embeddings)
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "machine": describe(),
         "preset": args.preset,
         "parameters": sum(p.numel() for p in PerceiverForMaskedLM(config).parameters()),
     }
     result["parity"] = parity(config, device, min(seq, 512))
     log(f"parity: {result['parity']}")
     peak = measured_matmul_flops(device, torch.bfloat16, n=8192 if device.type == "cuda" else 1024)
-    result["measured_bf16_matmul_tflops"] = round(peak / 1e12, 3)
+    result["measured_bf16_matmul_tflops"] = significant(peak / 1e12)
     result["sdpa"] = sdpa_report(config, device, seq, args.batch_sizes[0])
     log(f"sdpa: {result['sdpa']}")
     result["throughput"] = [

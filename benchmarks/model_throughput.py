@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 import transformers
+from machine import describe
 
 from perceiver_core import hf
 from perceiver_core.config import PerceiverConfig, get_preset
@@ -197,9 +198,8 @@ def main() -> None:
     summary = dict(results[0])  # the headline figures are the first preset's (the 201M one)
     summary.update(
         matmul_peak_tflops={k: round(v, 3) for k, v in peaks.items()},
-        threads=torch.get_num_threads(),
-        torch=torch.__version__,
         presets=results,
+        machine=describe(),
     )
     print(json.dumps(summary))
 

@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from machine import describe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = REPO_ROOT / "pipelines" / "data" / "configs" / "shared_data.yaml"
@@ -119,7 +120,6 @@ def main() -> None:
         AWS_DEFAULT_REGION="us-east-1",
         AWS_EC2_METADATA_DISABLED="true",
     )
-    import numpy as np
     import pyarrow
     import pyarrow.fs
     import ray
@@ -180,16 +180,7 @@ def main() -> None:
             / (summary["local_index_s"] + summary["local_stream_s"]),
             2,
         )
-        summary.update(
-            {
-                "python": platform.python_version(),
-                "numpy": np.__version__,
-                "pyarrow": pyarrow.__version__,
-                "ray": ray.__version__,
-                "cpu": platform.processor() or platform.machine(),
-                "cpu_count": os.cpu_count(),
-            }
-        )
+        summary["machine"] = describe()
     finally:
         if ray.is_initialized():
             ray.shutdown()

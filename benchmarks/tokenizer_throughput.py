@@ -20,14 +20,13 @@ import argparse
 import gzip
 import itertools
 import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from machine import describe
 
 from perceiver_core.masking import MaskingConfig, mask_batch
 from perceiver_core.packing import PackingConfig, pack_documents
@@ -150,8 +149,6 @@ def main() -> None:
     if not args.data_dir.is_dir():
         raise SystemExit(f"sample data not found at {args.data_dir} (pass --data-dir)")
 
-    import transformers
-
     log(f"reading {args.data_dir}")
     corpora = load_texts(args.data_dir)
     texts = corpora["wikipedia"] + corpora["c4"] + corpora["imdb"]
@@ -160,15 +157,7 @@ def main() -> None:
     summary.update(
         pack_mask_throughput(corpora["wikipedia"] + corpora["c4"], args.repeats, args.mask_batch)
     )
-    summary.update(
-        {
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "transformers": transformers.__version__,
-            "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-        }
-    )
+    summary["machine"] = describe()
     print(json.dumps(summary))
 
 

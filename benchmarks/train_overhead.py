@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe
 
 from perceiver_core.flops import measured_matmul_flops, step_flops
 from perceiver_core.model import PerceiverForMaskedLM
@@ -235,6 +236,7 @@ def main() -> None:
             pressed["wall_s_per_step"] / bare - 1.0, 4
         )
         result["mfu_backpressured_stream"] = round(pressed["mfu"], 4)
+    result["machine"] = describe()
     print(json.dumps(result))
 
 
