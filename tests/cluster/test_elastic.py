@@ -302,6 +302,7 @@ def test_the_registered_model_is_fine_tuned_on_another_node(
         f"--set=data.path={small_imdb_dir}",
         "--set=data.files={split}.parquet",
         "--set=stages.0.epochs=1",
+        "--set=data.max_length=128",  # the plumbing across nodes, not accuracy
         "--set=train.num_workers=1",
         "--set=train.worker_resources.finetuner=1",
         "--set=register.name=perceiver-imdb-cluster",

@@ -164,8 +164,8 @@ def submitted(
 
     cache = Path(tmp_path_factory.mktemp("model-cache"))
     extra = (
-        "--set", "stages.0.params.overrides=[train.steps=60,eval.every=30,checkpoint.every=30]",
-        *shorter(small_imdb_dir, epochs=3),
+        "--set", "stages.0.params.overrides=[train.steps=40,eval.every=20,checkpoint.every=20]",
+        *shorter(small_imdb_dir, epochs=2),  # killed after the first, resumed for the second
     )  # fmt: skip
     submit(cluster, "pipeline-1", tracking, shared_data, cache, extra=extra)
     _wait_for_finetuning_checkpoint(s3_server, cluster, "pipeline-1")
