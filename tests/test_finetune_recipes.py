@@ -1,8 +1,9 @@
 """Fine-tuning recipes: MLM adaptation on the task's text -> a frozen-encoder stage -> full
-fine-tuning, each from the previous stage's best weights (under DDP); a learning-rate grid run as
-parallel trials (stages of the recipe's pipeline), keeping the best; early stopping. Short stages
-on the first 1,024 training and 512 test reviews of the IMDB sample (``small_imdb_dir``): these check
-the plumbing, not accuracy (tests/test_finetune.py checks that on the whole sample)."""
+fine-tuning, each from the previous stage's best weights (under DDP), with early stopping in the
+frozen stage; a learning-rate grid run as parallel trials (stages of the recipe's pipeline),
+keeping the best. Short stages on the first 1,024 training and 512 test reviews of the IMDB sample
+(``small_imdb_dir``): these check the plumbing, not accuracy (tests/test_finetune.py checks that on
+the whole sample)."""
 
 from __future__ import annotations
 
@@ -28,19 +29,18 @@ def _encoder(folder: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in weights.items() if "decoder" not in k}
 
 
-def test_stages_chain_from_each_previous_best(
-    pretrained, small_imdb, shared_data, mlflow_server, tmp_path
-):
-    """Under ``train.strategy: ddp`` (torch DistributedDataParallel over Ray Train's gloo group,
-    2 workers) for masked-LM adaptation and both classify stages; DeepSpeed runs the other
-    fine-tuning tests."""
-    from mlflow import MlflowClient
-
+@pytest.fixture(scope="module")
+def recipe(pretrained, small_imdb, shared_data, mlflow_server, tmp_path_factory):
+    """Masked-LM adaptation -> frozen-encoder probe -> full fine-tuning, under ``train.strategy:
+    ddp`` (torch DistributedDataParallel over Ray Train's gloo group, 2 workers); DeepSpeed runs
+    the other fine-tuning tests. The probe's learning rate is too small to change anything, so its
+    score never improves after its first evaluation: patience 1 stops it after the second of three
+    epochs (one run checks both the chain and early stopping)."""
     from pipelines.workflow.recipe import run_finetune
 
     cfg = finetune_config(
         shared_data,
-        tmp_path,
+        tmp_path_factory.mktemp("recipe"),
         mlflow_server.uri,
         "recipe",
         f"init={pretrained}",
@@ -51,12 +51,18 @@ def test_stages_chain_from_each_previous_best(
         "train.zero_stage=0",
         "stages=["
         "{name: adapt, kind: mlm, steps: 20, batch_size: 16, crop_len: 128},"
-        "{name: probe, kind: classify, freeze_encoder: true, epochs: 1, batch_size: 32,"
-        " optimizer: {name: adamw, lr: 0.001, warmup_steps: 10}},"
+        "{name: probe, kind: classify, freeze_encoder: true, epochs: 3, batch_size: 32,"
+        " patience: 1, optimizer: {name: adamw, lr: 1.0e-9, warmup_steps: 0}},"
         "{name: full, kind: classify, epochs: 1, batch_size: 32,"
         " optimizer: {name: adamw, lr: 0.0003, warmup_steps: 10}}]",
     )
-    result = run_finetune(cfg)
+    return run_finetune(cfg)
+
+
+def test_stages_chain_from_each_previous_best(recipe, pretrained, mlflow_server):
+    from mlflow import MlflowClient
+
+    result = recipe
     adapt, probe, full = result.stages
     assert [s.kind for s in result.stages] == ["mlm", "classify", "classify"]
     assert (
@@ -83,6 +89,19 @@ def test_stages_chain_from_each_previous_best(
             assert torch.equal(value, probed[name]), name
     assert not torch.equal(probed[key], tuned[key])
     assert full.metrics["accuracy"] == result.score
+
+
+def test_early_stopping_keeps_the_best_evaluation(recipe, mlflow_server) -> None:
+    """The probe stopped after its second epoch of three, and the next stage started from its
+    first evaluation's weights."""
+    from mlflow import MlflowClient
+
+    probe = recipe.stages[1]
+    per_epoch = TRAIN_REVIEWS // 32
+    assert probe.step == per_epoch  # the best (first) evaluation's weights
+    client = MlflowClient(mlflow_server.uri)
+    evals = client.get_metric_history(probe.run_id, "val/accuracy")
+    assert sorted(m.step for m in evals) == [per_epoch, 2 * per_epoch]  # no third epoch
 
 
 def test_sweep_runs_the_grid_as_parallel_trials_and_keeps_the_best(
@@ -127,37 +146,3 @@ def test_sweep_runs_the_grid_as_parallel_trials_and_keeps_the_best(
     # Parallel trials: each started before the other ended.
     (a, b) = sorted(trials, key=lambda t: t.info.start_time)
     assert b.info.start_time < a.info.end_time
-
-
-def test_early_stopping_keeps_the_best_evaluation(
-    pretrained, small_imdb, shared_data, mlflow_server, tmp_path
-) -> None:
-    """With a learning rate too small to change anything, the score never improves after the first
-    evaluation: patience 1 stops the stage after the second of three epochs, and its result is the
-    first evaluation's weights."""
-    from mlflow import MlflowClient
-
-    from pipelines.workflow.recipe import run_finetune
-
-    cfg = finetune_config(
-        shared_data,
-        tmp_path,
-        mlflow_server.uri,
-        "patience",
-        f"init={pretrained}",
-        *small_imdb,
-        "data.max_length=64",
-        "register.enabled=false",
-        "stages.0.epochs=3",
-        "stages.0.batch_size=64",
-        "stages.0.patience=1",
-        "stages.0.optimizer.lr=1e-9",
-        "stages.0.optimizer.warmup_steps=0",
-    )
-    result = run_finetune(cfg)
-    (stage,) = result.stages
-    per_epoch = TRAIN_REVIEWS // 64
-    assert stage.step == per_epoch  # the best (first) evaluation's weights
-    client = MlflowClient(mlflow_server.uri)
-    evals = client.get_metric_history(stage.run_id, "val/accuracy")
-    assert sorted(m.step for m in evals) == [per_epoch, 2 * per_epoch]  # no third epoch
