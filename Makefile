@@ -3,7 +3,7 @@ PYTHON ?= python3
 # The CPU build of torch, pinned: an unpinned torch pulls the newest CUDA build (gigabytes).
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint unit bench-model bench-gpu bench-tokenizer bench-data bench-train bench-finetune bench-s3 bench-predict bench-wait bench-recipe
+.PHONY: install demo test lint unit bench-model bench-gpu bench-tokenizer bench-data bench-train bench-finetune bench-s3 bench-predict bench-wait bench-recipe bench-imdb
 
 install:
 	$(PYTHON) -m pip install --quiet $(TORCH)
@@ -57,3 +57,6 @@ bench-predict:
 # The pretraining recipe against the standard initialisation and a byte-level BERT (~7 min).
 bench-recipe:
 	$(PYTHON) benchmarks/pretrain_recipe.py --plot docs/pretrain_recipe.png
+
+bench-imdb:
+	$(PYTHON) benchmarks/imdb_classifiers.py

@@ -1,6 +1,6 @@
 """Benchmarks that must not rot: the GPU check runs on CPU with the tiny preset (one JSON line with
 parity, SDPA kernels and throughput; no speed is asserted), and the pretraining recipe's
-comparison runs a few steps of each model."""
+comparison and the IMDB classifiers' comparison run a few steps of each model."""
 
 from __future__ import annotations
 
@@ -58,3 +58,26 @@ def test_the_recipe_benchmark_prints_its_curves_and_writes_the_plot(shared_data,
     assert result["settings"]["init"]["routing"] is True  # read from the recipe's config
     assert {"cpu", "amx", "threads", "versions"} <= set(result["machine"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.shared_data
+def test_the_imdb_benchmark_scores_every_classifier_on_the_same_reviews(shared_data) -> None:
+    """One epoch on 128 reviews, scored on 64: the JSON the README's figures come from (no
+    accuracy is asserted on so few)."""
+    command = [
+        *(sys.executable, "benchmarks/imdb_classifiers.py", "--train", "128", "--test", "64"),
+        *("--epochs", "1"),
+    ]
+    env = {**os.environ, "PERCEIVER_SHARED_DATA": str(shared_data)}
+    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["settings"]["test"] == 64
+    assert set(result["results"]) == {
+        "bag_of_bytes", "bag_of_words", "byte_cnn", "perceiver_standard", "perceiver_recipe"
+    }  # fmt: skip
+    for name, run in result["results"].items():
+        assert 0.0 <= run["accuracy"] <= 1.0, name
+        assert round(run["accuracy"] * 64) == pytest.approx(run["accuracy"] * 64, abs=0.01)
+    assert len(result["results"]["perceiver_recipe"]["train_loss_by_epoch"]) == 1
+    assert {"cpu", "amx", "threads", "versions"} <= set(result["machine"])
