@@ -19,9 +19,8 @@ and is scored on ``imdb/test.parquet`` (2,000), one process, no Ray:
 What it printed (2-core Intel Xeon without AMX, 2026-12-02; ~6 min): bag of bytes 0.603, bag of
 words 0.772, byte CNN 0.734 (training loss 0.64, 0.52, 0.44 by epoch), Perceiver standard 0.500
 and recipe 0.536 (training loss by epoch 0.697, 0.694, 0.693 and 0.698, 0.694, 0.686: barely
-moving). So the
-bytes allow 0.70 in about a minute to a model with local, ordered features; the Perceiver does not
-find them in three epochs.
+moving). So the bytes allow 0.70 in about a minute to a model with local, ordered features; the
+Perceiver does not find them in three epochs.
 
 What the exploration found on the way (variations of this script, same machine and day):
 - the byte CNN reaches 0.700 after its first epoch;
