@@ -24,9 +24,8 @@ SCRIPT = textwrap.dedent(
     import torch
     from perceiver_core.config import get_preset
     from perceiver_core.model import PerceiverForMaskedLM
-    from pipelines.train.checkpoint import (
-        Checkpointer, CheckpointIntegrityError, TrainState, checkpoint_name,
-    )
+    from pipelines.signing import IntegrityError
+    from pipelines.train.checkpoint import Checkpointer, TrainState, checkpoint_name
     from pipelines.train.engine import create_engine, deepspeed_config
     from pipelines.train.optim import OptimizerConfig
 
@@ -74,7 +73,7 @@ SCRIPT = textwrap.dedent(
     def attempt(folder, key=b"key-one"):
         try:
             Checkpointer(fresh, 0, "run", key).restore(Local(folder))
-        except CheckpointIntegrityError as error:
+        except IntegrityError as error:
             return str(error)
         return None
 

@@ -257,7 +257,7 @@ def test_the_checkpoint_key_comes_from_the_environment_or_a_private_file(
 ) -> None:
     import stat
 
-    from pipelines.train.checkpoint import checkpoint_key
+    from pipelines.signing import SigningError, checkpoint_key
 
     monkeypatch.setenv("PERCEIVER_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.delenv("PERCEIVER_CHECKPOINT_KEY", raising=False)
@@ -270,7 +270,7 @@ def test_the_checkpoint_key_comes_from_the_environment_or_a_private_file(
     assert checkpoint_key() == b"from-a-secret"
     monkeypatch.delenv("PERCEIVER_CHECKPOINT_KEY")
     path.write_text("")
-    with pytest.raises(CheckpointError, match=r"checkpoint\.key is empty"):
+    with pytest.raises(SigningError, match=r"checkpoint\.key is empty"):
         checkpoint_key()
 
 

@@ -17,27 +17,19 @@ the checkpoint lacks keeps its fresh seed).
 
 Nothing a resume reads can run code planted in the storage, which a whole cluster shares and
 RayJob retries resume from automatically. State and RNG states are JSON. The engine's files are
-pickles (DeepSpeed opens them with ``torch.load(weights_only=False)``), so before anything is
-opened, every file of the checkpoint is checked against an HMAC-SHA256 written with it, keyed by a
-secret that never goes to the storage: ``PERCEIVER_CHECKPOINT_KEY``, else a key file created once
-per user (``~/.config/perceiver/checkpoint.key``, readable by its owner only). The digest covers
-the run name, the checkpoint's folder name and the file's path, so files cannot be moved between
-checkpoints or runs either. A file that was changed, added, or written with another key stops the
-resume with ``CheckpointIntegrityError`` naming it.
+pickles (DeepSpeed opens them with ``torch.load(weights_only=False)``), so every rank signs what it
+wrote and a resume verifies every file before anything is opened (``pipelines.signing``: keyed by
+a secret that never goes to the storage, over the run name, the checkpoint's folder name and the
+file's path, so files cannot be moved between checkpoints or runs either). A file that was
+changed, added, or written with another key stops the resume with ``IntegrityError`` naming it.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
-import hashlib
-import hmac
 import json
 import logging
-import os
 import random
-import secrets
-import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -49,6 +41,7 @@ import ray.train
 import torch
 
 from pipelines.errors import UserError
+from pipelines.signing import FolderSigner
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +50,10 @@ STATE_FILE = "state.json"
 ENGINE_DIR = "engine"
 RNG_DIR = "rng"
 HF_DIR = "hf"
-INTEGRITY_DIR = "integrity"
-KEY_ENV = "PERCEIVER_CHECKPOINT_KEY"
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed from; the message names the file."""
-
-
-class CheckpointIntegrityError(CheckpointError):
-    """A checkpoint file changed since it was written, or written with another key."""
 
 
 @dataclass(frozen=True)
@@ -99,34 +86,6 @@ class TrainState:
         return cls(**data)
 
 
-def checkpoint_key() -> bytes:
-    """The secret that signs checkpoints: ``PERCEIVER_CHECKPOINT_KEY``, else this user's key file
-    (created on first use, readable by its owner only). Resolve it once on the driver and hand it
-    to the workers: every process that resumes a run must have the key that wrote it."""
-    env = os.environ.get(KEY_ENV, "").strip()
-    if env:
-        return env.encode()
-    folder = Path(os.environ.get("PERCEIVER_CONFIG_DIR", "~/.config/perceiver")).expanduser()
-    path = folder / "checkpoint.key"
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Written whole under another name, then linked into place: a process that finds the
-        # file finds the whole key, and of two processes making one at once, the first wins.
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint.key-")  # mode 0600
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32))
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
-    key = path.read_bytes().strip()
-    if not key:
-        raise CheckpointError(f"{path} is empty: delete it (a new key is made) or set {KEY_ENV}")
-    return key
-
-
 class Checkpointer:
     """Saves, reports and restores one worker's part of a run's checkpoints."""
 
@@ -148,7 +107,7 @@ class Checkpointer:
             (root / STATE_FILE).write_text(state.to_json())
             if export is not None:
                 export(root / HF_DIR)
-        self._sign(root, checkpoint_name(state.step))
+        self._signer(checkpoint_name(state.step)).sign(root, f"rank_{self.rank:05d}")
 
     def save(
         self,
@@ -179,7 +138,8 @@ class Checkpointer:
         # Loaded from a private copy made while verifying: a shared folder changed after the
         # check cannot slip a file in.
         with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as private:
-            root = self._verified_copy(Path(folder), Path(private) / name, name, where)
+            signer = self._signer(name)
+            root = signer.verified_copy(Path(folder), Path(private) / name, where)
             state = TrainState.from_json((root / STATE_FILE).read_text())
             path, _ = self.engine.load_checkpoint(str(root / ENGINE_DIR), tag=_tag(state.step))
             if path is None:
@@ -192,82 +152,8 @@ class Checkpointer:
         log.info("restored step %d from %s", state.step, name)
         return state
 
-    # -- integrity -------------------------------------------------------------------------------
-
-    def _mac(self, scope: str, relpath: str, digest: str) -> str:
-        message = f"{self.run_name}/{scope}\n{relpath}\n{digest}".encode()
-        return hmac.new(self.key, message, hashlib.sha256).hexdigest()
-
-    def _sign(self, root: Path, scope: str) -> None:
-        macs = {}
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            relpath = str(path.relative_to(root))
-            macs[relpath] = self._mac(scope, relpath, _copy_hashing(path, None))
-        (root / INTEGRITY_DIR).mkdir()
-        (root / INTEGRITY_DIR / f"rank_{self.rank:05d}.json").write_text(json.dumps(macs))
-
-    def _verified_copy(self, src: Path, dst: Path, scope: str, where: str) -> Path:
-        """Copy the checkpoint to ``dst``, checking every file against the digests beside it; a
-        link, a pipe or device, an unreadable folder, a file without a matching digest: refused."""
-        signed = self._signed(src, where)
-        dst.mkdir(parents=True)
-        for folder, subfolders, files in os.walk(src, onerror=_raise):
-            for name in [*subfolders, *files]:
-                path = Path(folder) / name
-                relpath = str(path.relative_to(src))
-                mode = os.lstat(path).st_mode
-                if stat.S_ISDIR(mode):
-                    (dst / relpath).mkdir(parents=True)
-                    continue
-                if not stat.S_ISREG(mode):
-                    raise CheckpointIntegrityError(
-                        f"{where}/{relpath}: not a regular file or folder (a link, a pipe or a "
-                        "device); nothing was loaded"
-                    )
-                mac = self._mac(scope, relpath, _copy_hashing(path, dst / relpath))
-                if relpath.startswith(INTEGRITY_DIR + "/"):
-                    continue  # read above; a forged entry matches no file
-                if not any(hmac.compare_digest(mac, known) for known in signed.get(relpath, ())):
-                    raise CheckpointIntegrityError(
-                        f"{where}/{relpath}: changed since it was written, or written with "
-                        f"another key ({KEY_ENV}); the file may be malicious and nothing was loaded"
-                    )
-        return dst
-
-    @staticmethod
-    def _signed(src: Path, where: str) -> dict[str, set[str]]:
-        """Every rank's digests: relative path -> the MACs some rank wrote for it."""
-        signed: dict[str, set[str]] = {}
-        manifests = sorted((src / INTEGRITY_DIR).glob("rank_*.json"))
-        if not manifests:
-            raise CheckpointIntegrityError(
-                f"{where}: no {INTEGRITY_DIR}/ digests, so its files cannot be trusted and were "
-                "not loaded (a checkpoint of an older version, or not written by this code)"
-            )
-        for manifest in manifests:
-            try:
-                for relpath, mac in json.loads(manifest.read_text()).items():
-                    signed.setdefault(str(relpath), set()).add(str(mac))
-            except (ValueError, AttributeError, OSError) as error:
-                raise CheckpointIntegrityError(
-                    f"{where}/{manifest.relative_to(src)}: unreadable digests ({error})"
-                ) from None
-        return signed
-
-
-def _copy_hashing(path: Path, dest: Path | None) -> str:
-    """The SHA-256 of a file, copying it to ``dest`` on the way (when given)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f, dest.open("wb") if dest else contextlib.nullcontext() as out:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-            if out is not None:
-                out.write(chunk)
-    return digest.hexdigest()
-
-
-def _raise(error: OSError) -> None:
-    raise CheckpointIntegrityError(f"{error.filename}: cannot be read ({error.strerror})")
+    def _signer(self, name: str) -> FolderSigner:
+        return FolderSigner(self.key, f"{self.run_name}/{name}")
 
 
 def checkpoint_name(step: int) -> str:

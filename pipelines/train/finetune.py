@@ -25,10 +25,10 @@ from pipelines.data.config import MixtureConfig, PretrainDataConfig
 from pipelines.data.finetune import FinetuneDataConfig, finetune_dataset, finetune_files
 from pipelines.data.sources import SourceConfig, files_digest
 from pipelines.data.units import SplitConfig
+from pipelines.signing import checkpoint_key
 from pipelines.tracking import registry, runs
 from pipelines.tracking.models import resolve_model
 from pipelines.train import export
-from pipelines.train.checkpoint import checkpoint_key
 from pipelines.train.classify import ClassifySpec
 from pipelines.train.config import (
     CheckpointSection,

@@ -31,10 +31,11 @@ from pipelines.data.feed import StreamSpec, held_out
 from pipelines.data.index import DataIndex, build_index
 from pipelines.data.pretrain import plan_stream, pretraining_dataset
 from pipelines.data.sources import files_digest
+from pipelines.signing import checkpoint_key
 from pipelines.tracking import registry, runs
 from pipelines.tracking.models import resolve_model
 from pipelines.train import export
-from pipelines.train.checkpoint import HF_DIR, checkpoint_key
+from pipelines.train.checkpoint import HF_DIR
 from pipelines.train.config import HASH_EXCLUDE, PretrainConfig
 from pipelines.train.job import Schedule, StartingWeights, WorkerJob
 from pipelines.train.launch import fit, open_run

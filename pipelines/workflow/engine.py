@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipelines.config import config_hash, from_dict, to_dict, to_yaml
+from pipelines.signing import checkpoint_key
 from pipelines.tracking import runs
-from pipelines.train.checkpoint import checkpoint_key
 from pipelines.workflow import state
 from pipelines.workflow.plan import PlannedStage, plan_pipeline, stage_hashes
 from pipelines.workflow.spec import PipelineConfig, Reference, StageContext, StageKind
