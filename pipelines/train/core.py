@@ -31,7 +31,15 @@ from torch import nn
 from perceiver_core.flops import peak_flops
 from perceiver_core.hf import save_pretrained
 from pipelines.console import captured_stdout, quiet
-from pipelines.tracking.sink import MetricsSink, MlflowSink, MultiSink, build_sink
+from pipelines.tracking.sink import (
+    MetricsSink,
+    MlflowSink,
+    MultiSink,
+    ProgressLine,
+    build_sink,
+    progress,
+    section,
+)
 from pipelines.train import export
 from pipelines.train.checkpoint import HF_DIR, Checkpointer, TrainState
 from pipelines.train.engine import (
@@ -41,7 +49,7 @@ from pipelines.train.engine import (
     needs_manual_grad_norm,
 )
 from pipelines.train.job import WorkerJob
-from pipelines.train.metrics import Interval, ProgressLine, interval_metrics, progress, section
+from pipelines.train.metrics import Interval, interval_metrics
 
 log = logging.getLogger(__name__)
 

@@ -63,7 +63,7 @@ def deepspeed_config(
         "bf16": {"enabled": precision == "bf16"},
         # Dynamic loss scaling for fp16 (loss_scale 0), starting at 2**16.
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "steps_per_print": 2**31 - 1,  # progress is ours (pipelines.train.metrics)
+        "steps_per_print": 2**31 - 1,  # progress is ours (pipelines.tracking.sink)
         "wall_clock_breakdown": False,
     }
 

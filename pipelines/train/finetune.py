@@ -28,6 +28,7 @@ from pipelines.data.units import SplitConfig
 from pipelines.signing import checkpoint_key
 from pipelines.tracking import registry, runs
 from pipelines.tracking.models import resolve_model
+from pipelines.tracking.sink import section
 from pipelines.train import export
 from pipelines.train.classify import ClassifySpec
 from pipelines.train.config import (
@@ -40,7 +41,6 @@ from pipelines.train.config import (
 from pipelines.train.finetune_config import HASH_EXCLUDE, FinetuneConfig, StageConfig
 from pipelines.train.job import Schedule, StartingWeights, WorkerJob
 from pipelines.train.launch import fit
-from pipelines.train.metrics import section
 from pipelines.train.pretrain import run_pretraining
 
 log = logging.getLogger(__name__)

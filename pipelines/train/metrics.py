@@ -1,5 +1,5 @@
-"""Training numbers: what each worker accumulates, how the workers' sums are combined, and the
-progress line on the console.
+"""Training numbers: what each worker accumulates, and how the workers' sums are combined (the
+console's progress line and MLflow receive them through ``pipelines.tracking.sink``).
 
 Per log interval every worker adds up its loss (weighted by the targets it averages over: masked
 bytes, or examples), examples, real bytes, FLOPs, data-wait time and step time; one all-reduce
@@ -24,7 +24,6 @@ combines them, and the logging rank derives:
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Mapping
@@ -35,16 +34,9 @@ import torch.distributed as dist
 
 LN2 = math.log(2.0)
 
-progress = logging.getLogger("pipelines.train.progress")
-
 
 def bits_per_byte(nats_per_byte: float) -> float:
     return nats_per_byte / LN2
-
-
-def section(metrics: Mapping[str, float], prefix: str = "val/") -> dict[str, float]:
-    """The metrics under ``prefix``, without it: ``{"val/loss": 3.1}`` -> ``{"loss": 3.1}``."""
-    return {k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
 
 
 @dataclass
@@ -116,73 +108,3 @@ def interval_metrics(
     if totals["flops"] > 0 and peak_flops_per_worker:
         metrics["perf/mfu"] = totals["flops"] / elapsed / (peak_flops_per_worker * world_size)
     return metrics
-
-
-class ProgressLine:
-    """The console's view of a run, written by the logging rank: a line per training log (step,
-    loss, rate, ETA) and a line per evaluation. A metrics sink like the MLflow one."""
-
-    def __init__(self, name: str, total_steps: int, start_step: int, epoch_steps: int = 0) -> None:
-        self.name = name
-        self.total_steps = total_steps
-        self.start_step = start_step
-        self.epoch_steps = epoch_steps
-        self.started = time.perf_counter()
-
-    def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        # A logger, not print: Ray Train routes a worker's print through its own logging and
-        # echoes it as well, which shows every line twice.
-        if "train/loss" in metrics:
-            progress.info(" | ".join([self.name, *self._train_parts(step, metrics)]))
-        values = section(metrics)
-        if values:
-            parts = [f"{self.name} | step {step} | val " + _pairs(values)]
-            best = {k: v for k, v in section(metrics, "best/").items() if k != "step"}
-            if best:
-                parts.append("best " + _pairs(best) + f" at step {int(metrics['best/step'])}")
-            progress.info(" | ".join(parts))
-
-    def _train_parts(self, step: int, metrics: Mapping[str, float]) -> list[str]:
-        where = f"step {step}/{self.total_steps}"
-        if self.epoch_steps:
-            epochs = self.total_steps // self.epoch_steps
-            where += f" (epoch {step / self.epoch_steps:.2f}/{epochs})"
-        parts = [
-            where,
-            f"loss {metrics['train/loss']:.4f}",
-            f"lr {metrics['train/lr']:.2e}",
-            f"{_si(metrics['perf/bytes_per_s'])}B/s",
-            f"{metrics['perf/examples_per_s']:.1f} examples/s",
-        ]
-        if "perf/mfu" in metrics:
-            parts.append(f"mfu {metrics['perf/mfu']:.1%}")
-        done = step - self.start_step
-        if done > 0:
-            rate = done / (time.perf_counter() - self.started)
-            parts.append(f"ETA {duration((self.total_steps - step) / rate)}")
-        return parts
-
-    def flush(self, timeout_s: float | None = None) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass
-
-
-def _pairs(values: Mapping[str, float]) -> str:
-    return " ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()))
-
-
-def _si(value: float) -> str:
-    for unit in ("", "k", "M", "G", "T"):
-        if abs(value) < 1000:
-            return f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} P"
-
-
-def duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

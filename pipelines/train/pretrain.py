@@ -34,12 +34,12 @@ from pipelines.data.sources import files_digest
 from pipelines.signing import checkpoint_key
 from pipelines.tracking import registry, runs
 from pipelines.tracking.models import resolve_model
+from pipelines.tracking.sink import section
 from pipelines.train import export
 from pipelines.train.checkpoint import HF_DIR
 from pipelines.train.config import HASH_EXCLUDE, PretrainConfig
 from pipelines.train.job import Schedule, StartingWeights, WorkerJob
 from pipelines.train.launch import fit, open_run
-from pipelines.train.metrics import section
 from pipelines.train.mlm import MaskedLMSpec
 
 log = logging.getLogger(__name__)
