@@ -49,10 +49,10 @@ from tokenizer_throughput import load_texts
 from perceiver_core.init import InitRecipe, apply_init
 from perceiver_core.masking import mask_batch
 from perceiver_core.model import PerceiverForMaskedLM
+from perceiver_core.optim import build_optimizer, lr_factor
 from perceiver_core.packing import PackingConfig, pack_texts
 from pipelines.config import load_config
 from pipelines.train.config import PretrainConfig
-from pipelines.train.optim import build_optimizer, lr_factor
 
 DATA = os.environ.get("PERCEIVER_SHARED_DATA", "../shared/data")
 CONFIG = "jobs/configs/pretrain_small_recipe.yaml"

@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
     from pipelines.signing import IntegrityError
     from pipelines.train.checkpoint import Checkpointer, TrainState, checkpoint_name
     from pipelines.train.engine import create_engine, deepspeed_config
-    from pipelines.train.optim import OptimizerConfig
+    from perceiver_core.optim import OptimizerConfig
 
     work, marker = Path(sys.argv[1]), Path(sys.argv[2])
 

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(
         create_engine, deepspeed_config, full_fp32_state_dict, global_grad_norm,
         needs_manual_grad_norm,
     )
-    from pipelines.train.optim import OptimizerConfig
+    from perceiver_core.optim import OptimizerConfig
 
     def case(stage, precision, optimizer):
         torch.manual_seed(0)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from perceiver_core.config import get_preset
 from perceiver_core.model import PerceiverForMaskedLM
+from perceiver_core.optim import Lamb, OptimizerConfig, lr_factor, parameter_groups
 from pipelines.config import ConfigError, config_hash, load_config
 from pipelines.data.feed import StreamWindow
 from pipelines.train.checkpoint import CheckpointError, TrainState, rng_state, set_rng_state
@@ -21,7 +22,6 @@ from pipelines.train.config import HASH_EXCLUDE, PretrainConfig
 from pipelines.train.engine import deepspeed_config, resolve_precision
 from pipelines.train.metrics import bits_per_byte
 from pipelines.train.mlm import masked_lm_sums
-from pipelines.train.optim import Lamb, OptimizerConfig, lr_factor, parameter_groups
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 

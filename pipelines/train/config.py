@@ -23,9 +23,9 @@ from typing import Any, Literal
 
 from perceiver_core.config import PRESETS, PerceiverConfig, get_preset
 from perceiver_core.init import InitRecipe
+from perceiver_core.optim import OptimizerConfig
 from pipelines.data.config import PretrainDataConfig
 from pipelines.tracking.config import TrackingConfig
-from pipelines.train.optim import OptimizerConfig
 
 
 @dataclass

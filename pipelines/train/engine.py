@@ -17,8 +17,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from perceiver_core.optim import OptimizerConfig, build_optimizer, build_scheduler
 from pipelines.train.config import EngineSection
-from pipelines.train.optim import OptimizerConfig, build_optimizer, build_scheduler
 
 Precision = Literal["bf16", "fp16", "fp32"]
 
@@ -44,7 +44,7 @@ def deepspeed_config(
     on_gpu: bool = True,
 ) -> dict[str, Any]:
     """The DeepSpeed JSON config. The optimizer and schedule are torch objects passed to
-    ``deepspeed.initialize`` (see ``pipelines.train.optim``), so they are not named here."""
+    ``deepspeed.initialize`` (see ``perceiver_core.optim``), so they are not named here."""
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage and not on_gpu:
         # Copying every gradient into one contiguous buffer avoids memory fragmentation on GPUs;

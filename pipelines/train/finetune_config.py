@@ -24,10 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from perceiver_core.optim import OptimizerConfig
 from pipelines.data.finetune import FinetuneDataConfig
 from pipelines.tracking.config import TrackingConfig
 from pipelines.train.config import PLACEMENT_KEYS, EngineSection, RunSection
-from pipelines.train.optim import OptimizerConfig
 
 
 @dataclass

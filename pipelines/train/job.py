@@ -14,12 +14,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from perceiver_core.optim import OptimizerConfig
 from perceiver_core.task_metrics import TaskMetric
 from pipelines.tracking.config import TrackingConfig
 from pipelines.tracking.models import resolve_model
 from pipelines.tracking.registry import Lineage
 from pipelines.train.config import DebugSection, EngineSection
-from pipelines.train.optim import OptimizerConfig
 
 
 @dataclass

@@ -158,8 +158,8 @@ def evaluate(ctx: StageContext, params: EvaluateParams, inputs: EvaluateInputs) 
     from perceiver_core.task_metrics import primary_metric
     from pipelines.tracking import registry
     from pipelines.tracking.models import load_model
-    from pipelines.train.evaluate import evaluate_classifier, load_eval_set
     from pipelines.train.finetune_config import FinetuneSplits
+    from pipelines.workflow.evaluate import evaluate_classifier, load_eval_set
 
     name, _ = registry.parse_version_uri(inputs.model_uri)
     split = params.split or FinetuneSplits().eval_split(params.data.task)

@@ -1,4 +1,6 @@
-"""Optimizers and the learning-rate schedule of MLM pretraining.
+"""The paper's optimizer and learning-rate schedule, in plain torch: they run in any training loop
+(``benchmarks/pretrain_recipe.py`` uses them in one of a few lines) and are what
+``pipelines.train.engine`` hands to DeepSpeed or DDP.
 
 The paper trains with LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning") at lr
 1.25e-3, weight decay 0.01, 1,000 warm-up steps and cosine decay. ``Lamb`` below is a plain torch
@@ -8,9 +10,9 @@ the CUDA toolkit (minutes, and impossible on CPU), while a torch optimizer hande
 
 LAMB's layer-wise trust ratio needs the norm of each parameter tensor. ZeRO stages 1-3 hand the
 optimizer one flat shard of all parameters per rank, where per-tensor norms no longer exist, so
-LAMB is only offered with ZeRO stage 0 (``TrainConfig`` rejects the combination before any worker
-starts). AdamW works at every stage. The 201M recipe fits a GPU without sharding (about 3.2 GB of
-weights and optimizer state), so stage 0 with LAMB is the paper's setting.
+the training configs offer LAMB only with ZeRO stage 0 (and reject the combination before any
+worker starts). AdamW works at every stage. The 201M recipe fits a GPU without sharding (about
+3.2 GB of weights and optimizer state), so stage 0 with LAMB is the paper's setting.
 """
 
 from __future__ import annotations
