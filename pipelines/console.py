@@ -123,3 +123,15 @@ def captured_stdout(logger: logging.Logger) -> Iterator[None]:
         for line in buffer.getvalue().splitlines():
             if line.strip():
                 logger.debug("%s", line)
+
+
+def log_to_console() -> None:
+    """The project's INFO lines on this process's stderr: a Ray Train worker's, which Ray forwards to
+    the driver's console."""
+    logger = logging.getLogger("pipelines")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # Ray's root handler would print every line a second time

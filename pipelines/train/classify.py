@@ -33,7 +33,7 @@ from perceiver_core.hf import load_into, load_state_dict
 from perceiver_core.model import PerceiverForSequenceClassification
 from perceiver_core.task_metrics import primary_metric, task_metrics
 from pipelines.train.core import gather_arrays
-from pipelines.train.job import Batch, StartingWeights, WorkerJob
+from pipelines.train.job import Batch, StartingWeights, TaskDefaults, WorkerJob
 
 
 @dataclass
@@ -132,7 +132,9 @@ class ClassifySpec:
         return Classify(self, job.seed, rank, world_size)
 
 
-class Classify:
+class Classify(TaskDefaults):
+    """No state of its own: the order is a function of (seed, epoch), the step says where in it."""
+
     per_byte_loss = False
 
     def __init__(self, spec: ClassifySpec, seed: int, rank: int, world_size: int) -> None:
@@ -186,21 +188,6 @@ class Classify:
         rows, batch = self.eval_rows, self.spec.eval_batch_size
         logits = class_logits(engine, rows, batch, engine.device, self.rank, self.world_size)
         return classification_metrics(self.spec.task, logits, rows.labels)
-
-    def train_metrics(self) -> dict[str, float]:
-        return {}
-
-    def checkpoint_metrics(self) -> dict[str, float]:
-        return {}
-
-    def before_checkpoint(self) -> None:
-        pass  # the order is a function of (seed, epoch), the step says where in it
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 @torch.no_grad()

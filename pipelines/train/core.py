@@ -30,7 +30,7 @@ from torch import nn
 
 from perceiver_core.flops import peak_flops
 from perceiver_core.hf import save_pretrained
-from pipelines.console import captured_stdout, quiet
+from pipelines.console import captured_stdout, log_to_console, quiet
 from pipelines.tracking.sink import (
     MetricsSink,
     MlflowSink,
@@ -218,7 +218,7 @@ class Trainer:
             self.peak_flops = None
             del metrics["perf/mfu"]
         self.interval = Interval(self.engine.device)
-        return {**metrics, **self.task.train_metrics()}
+        return metrics
 
     def _is_eval_step(self) -> bool:
         every, step = self.job.schedule.eval_every, self.step
@@ -277,7 +277,6 @@ class Trainer:
         # is back, which the sink reports).
         if not self.sink.flush(self.job.tracking.checkpoint_flush_s):
             log.warning("metrics up to step %d not yet stored in MLflow", self.step)
-        self.task.before_checkpoint()  # a collective
         state = TrainState(
             step=self.step,
             run_id=self.job.run_id,
@@ -345,17 +344,6 @@ def gather_arrays(local: np.ndarray, world_size: int) -> np.ndarray:
     gathered: list[Any] = [None] * world_size
     torch.distributed.all_gather_object(gathered, local)
     return np.concatenate([part for part in gathered if len(part)] or [local])
-
-
-def log_to_console() -> None:
-    """This package's INFO lines on the worker's stderr (Ray forwards it to the driver)."""
-    logger = logging.getLogger("pipelines")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False  # Ray's root handler would print every line a second time
 
 
 def _seed(seed: int) -> None:

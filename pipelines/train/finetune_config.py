@@ -27,7 +27,8 @@ from typing import Literal
 from perceiver_core.optim import OptimizerConfig
 from pipelines.data.finetune import FinetuneDataConfig
 from pipelines.tracking.config import TrackingConfig
-from pipelines.train.config import PLACEMENT_KEYS, EngineSection, RunSection
+from pipelines.train.config import HASH_EXCLUDE as PRETRAIN_HASH_EXCLUDE
+from pipelines.train.config import EngineSection, RunSection
 
 
 @dataclass
@@ -202,10 +203,5 @@ class FinetuneConfig:
         return self.register.name or "perceiver-" + self.data.task.removeprefix("glue/")
 
 
-HASH_EXCLUDE = (
-    "run.name",
-    "run.storage_path",
-    "tracking",
-    "run.max_failures",
-    *(f"train.{k}" for k in PLACEMENT_KEYS),
-)
+# Pretraining's, less its ``debug`` section, which fine-tuning configs do not have.
+HASH_EXCLUDE = tuple(key for key in PRETRAIN_HASH_EXCLUDE if key != "debug")

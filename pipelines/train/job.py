@@ -58,11 +58,22 @@ class Task(Protocol):
     def build_model(self) -> nn.Module: ...  # with its starting weights
     def batch(self, step: int, micro: int, size: int, device: torch.device) -> Batch: ...
     def evaluate(self, engine: Any) -> dict[str, float]: ...  # a collective; same on all ranks
-    def train_metrics(self) -> dict[str, float]: ...  # logged with the training metrics
     def checkpoint_metrics(self) -> dict[str, float]: ...  # reported with each checkpoint
-    def before_checkpoint(self) -> None: ...  # a collective
     def state_dict(self) -> dict[str, Any]: ...  # JSON values
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TaskDefaults:
+    """What a task without state of its own or checkpoint metrics inherits."""
+
+    def checkpoint_metrics(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 class TaskSpec(Protocol):

@@ -73,7 +73,6 @@ class MaskedLM:
         self.base_position, self.base_step = 0, 0
         self.step = 0  # the last step a batch was taken for
         self.next_ref: tuple[tuple[int, int], Any] | None = None
-        self.flops = _FlopsCounter(spec.model_config, spec.stream.data.packing.crop_len)
         self.samples = _SampleLog(job.debug.samples_dir, rank, world_size)
         # The feed's process starts now, while the engine is built; it opens the stream once the
         # restored position is known (``load_state_dict``).
@@ -111,12 +110,15 @@ class MaskedLM:
         self.step = step
         self.samples.write(step + 1, micro, rows)
         masked = rows["masked"].astype(np.int64)
+        decoded = max(1, int(masked.max(initial=0)))  # the decoder's positions per crop
+        crop_len = self.spec.stream.data.packing.crop_len
+        flops = step_flops(self.spec.model_config, size, crop_len, decoded_positions=decoded)
         return Batch(
             inputs=crops_to_torch(rows, device),
             examples=len(masked),
             real_bytes=int(rows["length"].astype(np.int64).sum()),
             targets=int(masked.sum()),
-            flops=self.flops(size, max(1, int(masked.max(initial=0)))),
+            flops=flops.total,
         )
 
     def _feed_actor(self) -> Any:
@@ -169,14 +171,8 @@ class MaskedLM:
         """Crops trained on by the end of the last step."""
         return self.base_position + (self.step + 1 - self.base_step) * self.job.batch_size
 
-    def train_metrics(self) -> dict[str, float]:
-        return {}
-
     def checkpoint_metrics(self) -> dict[str, float]:
         return {"data/crops_consumed": float(self.consumed())}
-
-    def before_checkpoint(self) -> None:
-        pass  # the position is a function of the step
 
     def state_dict(self) -> dict[str, Any]:
         return {"consumed": self.consumed(), "step": self.step + 1}
@@ -226,19 +222,3 @@ def masked_lm_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     counted = flat_targets != IGNORE_INDEX
     correct = ((flat_logits.argmax(dim=-1) == flat_targets) & counted).sum()
     return torch.stack([nll.double(), correct.double(), counted.sum().double()])
-
-
-class _FlopsCounter:
-    """Training FLOPs of a micro-batch, by its crops and the positions it decodes (cached)."""
-
-    def __init__(self, config: PerceiverConfig, seq_len: int) -> None:
-        self.config, self.seq_len = config, seq_len
-        self._cache: dict[tuple[int, int], int] = {}
-
-    def __call__(self, crops: int, decoded_positions: int) -> int:
-        key = (crops, decoded_positions)
-        if key not in self._cache:
-            self._cache[key] = step_flops(
-                self.config, crops, self.seq_len, decoded_positions=decoded_positions
-            ).total
-        return self._cache[key]
