@@ -74,7 +74,8 @@ def test_the_imdb_benchmark_scores_every_classifier_on_the_same_reviews(shared_d
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["settings"]["test"] == 64
     assert set(result["results"]) == {
-        "bag_of_bytes", "bag_of_words", "byte_cnn", "perceiver_standard", "perceiver_recipe"
+        "bag_of_bytes", "bag_of_words", "byte_cnn", "perceiver_standard", "perceiver_recipe",
+        "perceiver_windows",
     }  # fmt: skip
     for name, run in result["results"].items():
         assert 0.0 <= run["accuracy"] <= 1.0, name
