@@ -57,6 +57,8 @@ class PretrainResult:
     checkpoint_path: str  # the final checkpoint (local path or URI)
     hf_path: str  # its consolidated Hugging Face export
     registered_model: registry.RegisteredModel | None
+    data_fingerprint: str
+    config_hash: str
 
 
 def run_pretraining(
@@ -172,6 +174,8 @@ def run_pretraining(
         checkpoint_path=location,
         hf_path=f"{location}/{HF_DIR}",
         registered_model=registered,
+        data_fingerprint=index.fingerprint,
+        config_hash=digest,
     )
 
 
