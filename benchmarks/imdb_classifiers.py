@@ -194,20 +194,24 @@ class Perceiver(nn.Module):
         return self.model(ids, mask).logits
 
 
+def code_frequencies(dims: int, length: int) -> torch.Tensor:
+    """``dims / 2`` angular frequencies, geometric from one period per ``length`` bytes to nearly
+    one per 2 bytes."""
+    return torch.exp(torch.linspace(math.log(2 * math.pi / length), math.log(0.9 * math.pi),
+                                    dims // 2))  # fmt: skip
+
+
 def geometric_codes(positions: torch.Tensor, dims: int, length: int) -> torch.Tensor:
-    """(N,) positions -> (N, dims) unit-norm sinusoids whose frequencies run geometrically from one
-    period per ``length`` bytes to nearly one per 2 bytes: their dot product peaks at one byte."""
-    omega = torch.exp(torch.linspace(math.log(2 * math.pi / length), math.log(0.9 * math.pi),
-                                     dims // 2))  # fmt: skip
-    angle = positions[:, None].float() * omega[None, :]
+    """(N,) positions -> (N, dims) unit-norm sinusoids at ``code_frequencies``: their dot product
+    peaks at one byte."""
+    angle = positions[:, None].float() * code_frequencies(dims, length)[None, :]
     return torch.cat([torch.cos(angle), torch.sin(angle)], -1) / math.sqrt(dims // 2)
 
 
 def shift_codes(dims: int, by: int, length: int) -> torch.Tensor:
     """The map taking ``geometric_codes(p)`` to ``geometric_codes(p + by)``: a rotation per
     frequency."""
-    half = dims // 2
-    omega = torch.exp(torch.linspace(math.log(2 * math.pi / length), math.log(0.9 * math.pi), half))
+    half, omega = dims // 2, code_frequencies(dims, length)
     cos, sin, i = torch.cos(omega * by), torch.sin(omega * by), torch.arange(half)
     rot = torch.zeros(dims, dims)
     rot[i, i], rot[i, i + half], rot[i + half, i], rot[i + half, i + half] = cos, -sin, sin, cos
