@@ -94,9 +94,10 @@ def attend(
     """
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    # Scaling q, not the scores, and adding the bias in place: two fewer passes over the scores.
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
     if bias is not None:
-        scores = scores + bias.to(scores.dtype)
+        scores.add_(bias.to(scores.dtype))
     probs = torch.softmax(scores, dim=-1)
     if dropout:
         probs = F.dropout(probs, dropout)
