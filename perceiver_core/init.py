@@ -29,6 +29,16 @@ Removed one at a time from the five, routing, ``embed_std`` and ``decoder_out_ga
 the model on the plateau, and the other two each cost a little (benchmarks/pretrain_recipe.py's
 docstring); with all five, on 128-byte crops, the small preset passes a byte-level BERT of
 similar size (the README's figures).
+
+``ngrams`` is a second starting point, for classifiers of short texts (``benchmarks/
+imdb_classifiers.py`` found it): the encoder as a shift-invariant n-gram reader. Latent ``j``
+starts out reading the ``num_cross_attention_heads`` bytes from ``stride * j - (heads - 1) // 2``
+on (``stride = length / num_latents``), cross-attention head ``h`` exactly one of them, and what
+it makes of them does not depend on where they are: the values and the cross-attention block's
+output leave the position channels alone, the latents' content part is zero, and the latent stack
+starts as the identity. A byte CNN shares its kernel across positions the same way; from
+transformers' initialisation "great" at byte 100 and at byte 300 are different features, which
+5,000 reviews cannot teach apart, and the classifier stays at chance.
 """
 
 from __future__ import annotations
@@ -38,7 +48,8 @@ from dataclasses import dataclass
 
 import torch
 
-from perceiver_core.model import PerceiverForMaskedLM
+from perceiver_core.model import PerceiverForMaskedLM, PerceiverForSequenceClassification
+from perceiver_core.tokenizer import BYTE_OFFSET
 
 
 @dataclass(frozen=True)
@@ -51,8 +62,14 @@ class InitRecipe:
     cross_value_std: float | None = None
     zero_latent_branches: bool = False
     decoder_out_gain: float | None = None
+    ngrams: bool = False  # the encoder as a shift-invariant n-gram reader (the module docstring)
 
     def __post_init__(self) -> None:
+        clashing = [k for k in ("routing", "embed_std", "cross_value_std") if getattr(self, k)]
+        if self.ngrams and clashing:
+            raise ValueError(
+                f"ngrams sets the encoder's whole initialisation; drop {', '.join(clashing)}"
+            )
         positive = ("route_sharpness", "code_scale", "embed_std", "cross_value_std",
                     "decoder_out_gain")  # fmt: skip
         for name in positive:
@@ -67,6 +84,31 @@ class InitRecipe:
         return self == InitRecipe()
 
 
+def rotation(angle: torch.Tensor) -> torch.Tensor:
+    """The linear map taking codes ``[cos a, sin a] / norm`` (one angle per frequency) to
+    ``[cos(a + angle), sin(a + angle)] / norm``."""
+    half = angle.shape[-1]
+    cos, sin, i = torch.cos(angle), torch.sin(angle), torch.arange(half)
+    rot = torch.zeros(2 * half, 2 * half)
+    rot[i, i], rot[i, i + half] = cos, -sin
+    rot[i + half, i], rot[i + half, i + half] = sin, cos
+    return rot
+
+
+def geometric_frequencies(dims: int, length: int) -> torch.Tensor:
+    """``dims / 2`` angular frequencies, geometric from one period per ``length`` bytes to nearly
+    one per 2 bytes: codes at these tell neighbouring bytes apart anywhere in ``length``."""
+    low, high = math.log(2 * math.pi / length), math.log(0.9 * math.pi)
+    return torch.exp(torch.linspace(low, high, dims // 2))
+
+
+def geometric_codes(positions: torch.Tensor, dims: int, length: int) -> torch.Tensor:
+    """(N,) positions -> (N, dims) unit-norm codes at ``geometric_frequencies``; the dot product of
+    two peaks where the positions are equal."""
+    angle = positions[:, None].float() * geometric_frequencies(dims, length)[None, :]
+    return torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1) / math.sqrt(dims // 2)
+
+
 def sinusoids(positions: torch.Tensor, dims: int, period: float) -> torch.Tensor:
     """(N,) positions -> (N, dims) codes [cos(2 pi k p / period), sin(...)], k = 1..dims/2, of
     unit norm per row."""
@@ -78,14 +120,8 @@ def sinusoids(positions: torch.Tensor, dims: int, period: float) -> torch.Tensor
 def shift(dims: int, by: float, period: float) -> torch.Tensor:
     """The linear map taking ``sinusoids(p)`` to ``sinusoids(p - by)``: one rotation per
     frequency."""
-    half = dims // 2
-    angle = 2 * math.pi * by * torch.arange(1, half + 1, dtype=torch.float32) / period
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    i = torch.arange(half)
-    rot = torch.zeros(dims, dims)
-    rot[i, i], rot[i, i + half] = cos, sin
-    rot[i + half, i], rot[i + half, i + half] = -sin, cos
-    return rot
+    angle = 2 * math.pi * by * torch.arange(1, dims // 2 + 1, dtype=torch.float32) / period
+    return rotation(-angle)
 
 
 def _logit_gap(attn, queries: torch.Tensor, keys: torch.Tensor, heads: int) -> torch.Tensor:
@@ -99,10 +135,19 @@ def _logit_gap(attn, queries: torch.Tensor, keys: torch.Tensor, heads: int) -> t
 
 
 @torch.no_grad()
-def apply_init(model: PerceiverForMaskedLM, recipe: InitRecipe, crop_len: int) -> None:
+def apply_init(
+    model: PerceiverForMaskedLM | PerceiverForSequenceClassification,
+    recipe: InitRecipe,
+    crop_len: int,
+) -> None:
     """Re-initialise ``model`` (freshly built, transformers' initialisation) by ``recipe`` for
-    pretraining on ``crop_len``-byte crops. Deterministic given torch's seed."""
+    inputs of ``crop_len`` bytes. Deterministic given torch's seed. Only ``ngrams`` applies to a
+    classifier."""
     enc, dec = model.encoder, model.decoder
+    if recipe.ngrams:
+        _ngram_reader(model, crop_len)
+    elif isinstance(model, PerceiverForSequenceClassification) and not recipe.is_standard:
+        raise ValueError("a classifier's encoder starts either standard or as ngrams")
     if recipe.embed_std is not None:
         enc.embed.weight.normal_(std=recipe.embed_std)
     if recipe.zero_latent_branches:
@@ -169,3 +214,67 @@ def _route(model: PerceiverForMaskedLM, recipe: InitRecipe, crop_len: int) -> No
         dattn.k.weight[rows, dq : dq + dqd] = shift(dqd, offsets[h % len(offsets)], n)
     gap = _logit_gap(dattn, dec.queries[:length], enc.latents, dheads)
     dattn.q.weight.mul_(recipe.route_sharpness / gap)
+
+
+NGRAM_SHARPNESS = 20.0  # logit of a head's own byte above the mean: it holds 98-99.7% of the weight
+NGRAM_CONTENT_STD = 0.1  # what the cross-attention block writes into the latents
+
+
+def _ngram_reader(model: PerceiverForMaskedLM | PerceiverForSequenceClassification, length: int):
+    c, enc = model.config, model.encoder
+    cross, block = enc.cross.attn, enc.cross
+    heads, qk = (
+        c.num_cross_attention_heads,
+        c.cross_attention_qk_channels // c.num_cross_attention_heads,
+    )
+    if length % c.num_latents or qk >= min(c.d_model, c.d_latents):
+        raise ValueError(
+            f"ngrams needs num_latents ({c.num_latents}) to divide the input length ({length}) and "
+            f"fewer position channels per head ({qk}) than d_model ({c.d_model}) and d_latents "
+            f"({c.d_latents})"
+        )
+    stride = length // c.num_latents
+    for module in model.modules():  # unit-variance outputs of unit-variance inputs
+        if isinstance(module, torch.nn.Linear):
+            module.weight.normal_(std=module.in_features**-0.5)
+    # Bytes: content in channels [qk, d_model), the position code in [0, qk) at the same scale.
+    enc.embed.weight.normal_(std=1.0)
+    enc.embed.weight[:, :qk] = 0
+    amplitude = enc.embed.weight[:, qk:].std() * math.sqrt(c.d_model)
+    positions = torch.arange(c.max_position_embeddings)
+    enc.pos_embed.weight.zero_()
+    enc.pos_embed.weight[:, :qk] = geometric_codes(positions, qk, length) * amplitude
+    # Latent j: where its window starts, and no content of its own.
+    enc.latents.zero_()
+    starts = torch.arange(c.num_latents) * stride
+    enc.latents[:, :qk] = geometric_codes(starts, qk, length) * 0.3
+    # Head h: the latent's code moved by h - (heads - 1) // 2 bytes, against the byte's code.
+    omega = geometric_frequencies(qk, length)
+    for projection in (cross.q, cross.k):
+        projection.weight.zero_()
+        projection.bias.zero_()
+    for h in range(heads):
+        rows = slice(h * qk, (h + 1) * qk)
+        cross.q.weight[rows, :qk] = rotation(omega * (h - (heads - 1) // 2))
+        cross.k.weight[rows, :qk] = torch.eye(qk)
+    byte_ids = torch.randint(BYTE_OFFSET, 256 + BYTE_OFFSET, (length,))
+    sample = enc.embed.weight[byte_ids] + enc.pos_embed.weight[:length]
+    cross.q.weight.mul_(NGRAM_SHARPNESS / _logit_gap(cross, enc.latents, sample, heads))
+    # Content in, content out: nothing of the position reaches what the latents read.
+    for linear in (cross.v, cross.out, block.mlp.fc1, block.mlp.fc2):
+        linear.weight.normal_(std=NGRAM_CONTENT_STD)
+    cross.v.weight[:, :qk] = 0
+    # The input LayerNorm subtracts a mean that depends on the position code; value rows that sum
+    # to zero over the content channels do not see it (the same n-gram at two places then reads
+    # within about 1% of the same, 15% without).
+    cross.v.weight[:, qk:] -= cross.v.weight[:, qk:].mean(1, keepdim=True)
+    cross.out.weight[:qk] = 0
+    block.mlp.fc1.weight[:, :qk] = 0
+    block.mlp.fc2.weight[:qk] = 0
+    for layer in enc.layers:  # the latent stack starts as the identity
+        layer.attn.out.weight.zero_()
+        layer.mlp.fc2.weight.zero_()
+    if isinstance(model, PerceiverForSequenceClassification):
+        # The read-out starts as the mean of the latents (its query projection at zero): with
+        # the class projection also at zero, the encoder's first gradients starve (measured).
+        model.decoder.block.attn.q.weight.zero_()

@@ -11,9 +11,9 @@ import torch
 import transformers
 
 from perceiver_core import hf
-from perceiver_core.config import get_preset
+from perceiver_core.config import PerceiverConfig, get_preset
 from perceiver_core.init import InitRecipe, apply_init
-from perceiver_core.model import PerceiverForMaskedLM
+from perceiver_core.model import PerceiverForMaskedLM, PerceiverForSequenceClassification
 
 RECIPE = InitRecipe(
     routing=True,
@@ -115,3 +115,58 @@ def test_bad_recipes_are_refused_with_the_key() -> None:
     )  # no room for the codes
     with pytest.raises(ValueError, match="routing needs"):
         apply_init(narrow, InitRecipe(routing=True), CROP)
+
+
+def ngram_classifier(ngrams: bool, length: int = 64, stride: int = 4):
+    torch.manual_seed(0)
+    config = PerceiverConfig(
+        max_position_embeddings=length, d_model=64, num_latents=length // stride, d_latents=128,
+        num_self_attends_per_block=1, num_self_attention_heads=4, num_cross_attention_heads=8,
+        qk_channels=128, v_channels=128, cross_attention_widening_factor=2,
+        attention_probs_dropout_prob=0.0, num_labels=2,
+    )  # fmt: skip
+    model = PerceiverForSequenceClassification(config)
+    if ngrams:
+        apply_init(model, InitRecipe(ngrams=True), length)
+    return model.eval()
+
+
+@torch.no_grad()
+def test_ngrams_latents_read_their_own_bytes_the_same_way_wherever_they_are() -> None:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 259, (1, 64), generator=g)
+    changed = ids.clone()
+    changed[0, 30] = (ids[0, 30] + 4) % 256 + 3
+    # Four random bytes in front: every byte moves one latent's stride along.
+    shifted = torch.cat([torch.randint(3, 259, (1, 4), generator=g), ids[:, :-4]], dim=1)
+    for ngrams in (True, False):
+        model = ngram_classifier(ngrams)
+        z = model.encoder(ids)[0, :, 16:]  # the content channels (16 position channels per head)
+        moved = (model.encoder(changed)[0, :, 16:] - z).norm(dim=-1) / z.norm(dim=-1)
+        z_shifted = model.encoder(shifted)[0, :, 16:]
+        # Latents 1-13 read inside the input either way (latent j: bytes 4j - 3 ... 4j + 4).
+        drift = (z_shifted[2:15] - z[1:14]).norm(dim=-1) / z[1:14].norm(dim=-1)
+        if ngrams:  # byte 30 is in the windows of latents 7 (25-32) and 8 (29-36) only
+            assert moved[7] > 0.2 and moved[8] > 0.2
+            assert moved[[i for i in range(16) if i not in (7, 8)]].max() < 1e-3
+            assert drift.max() < 0.05
+        else:  # transformers' initialisation: every latent reads a bit of everything, by place
+            assert moved.min() > 0.01 and drift.mean() > 0.5
+        logits = model(ids).logits
+        assert torch.isfinite(logits).all()
+    # The read-out starts as the mean of the latents.
+    assert not ngram_classifier(True).decoder.block.attn.q.weight.any()
+
+
+def test_ngrams_refuses_what_it_cannot_do() -> None:
+    with pytest.raises(
+        ValueError, match="ngrams sets the encoder's whole initialisation; drop routing"
+    ):
+        InitRecipe(ngrams=True, routing=True)
+    model = ngram_classifier(False, length=64, stride=4)
+    with pytest.raises(ValueError, match=r"num_latents \(16\) to divide the input length \(60\)"):
+        apply_init(model, InitRecipe(ngrams=True), 60)
+    with pytest.raises(
+        ValueError, match="a classifier's encoder starts either standard or as ngrams"
+    ):
+        apply_init(model, InitRecipe(embed_std=0.5), 64)
