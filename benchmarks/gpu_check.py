@@ -310,7 +310,7 @@ def throughput(
             torch.cuda.reset_peak_memory_stats(device)
         try:
             model = build()
-            seconds[label] = time_training(model, loss_fn, batches, bf16, warmup, device)
+            seconds[label] = time_training(model, loss_fn, batches, bf16, warmup, device).seconds
         except torch.OutOfMemoryError:
             failures[label] = "out of memory"
             log(f"[batch {batch}] {label}: out of memory")
