@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
+from perceiver_core.config import PerceiverConfig
 from perceiver_core.model import PerceiverForMaskedLM, PerceiverForSequenceClassification
 from perceiver_core.tokenizer import BYTE_OFFSET
 
@@ -134,6 +135,24 @@ def _logit_gap(attn, queries: torch.Tensor, keys: torch.Tensor, heads: int) -> t
     return (logits.max(-1).values - logits.mean(-1)).mean()
 
 
+def check_fits(c: PerceiverConfig, recipe: InitRecipe, length: int) -> None:
+    """Raise ValueError unless ``recipe`` can set up a model of config ``c`` for inputs of
+    ``length`` bytes (run on the driver too, so that a config fails when it is loaded)."""
+    heads, dheads = c.num_cross_attention_heads, c.decoder_num_heads
+    dq, dqd = c.cross_attention_qk_channels // heads, c.decoder_qk_channels // dheads
+    if recipe.routing and (dq + dqd > c.d_latents or dq > c.d_model or dqd > c.d_model):
+        raise ValueError(
+            f"routing needs {dq} + {dqd} latent channels and {max(dq, dqd)} input channels for its "
+            f"position codes; this model has {c.d_latents} and {c.d_model}"
+        )
+    if recipe.ngrams and (length % c.num_latents or dq >= min(c.d_model, c.d_latents)):
+        raise ValueError(
+            f"ngrams needs num_latents ({c.num_latents}) to divide the input length ({length}) and "
+            f"fewer position channels per head ({dq}) than d_model ({c.d_model}) and d_latents "
+            f"({c.d_latents})"
+        )
+
+
 @torch.no_grad()
 def apply_init(
     model: PerceiverForMaskedLM | PerceiverForSequenceClassification,
@@ -144,10 +163,13 @@ def apply_init(
     inputs of ``crop_len`` bytes. Deterministic given torch's seed. Only ``ngrams`` applies to a
     classifier."""
     enc, dec = model.encoder, model.decoder
+    if isinstance(model, PerceiverForSequenceClassification) and not (
+        recipe.ngrams or recipe.is_standard
+    ):
+        raise ValueError("a classifier's encoder starts either standard or as ngrams")
+    check_fits(model.config, recipe, crop_len)
     if recipe.ngrams:
         _ngram_reader(model, crop_len)
-    elif isinstance(model, PerceiverForSequenceClassification) and not recipe.is_standard:
-        raise ValueError("a classifier's encoder starts either standard or as ngrams")
     if recipe.embed_std is not None:
         enc.embed.weight.normal_(std=recipe.embed_std)
     if recipe.zero_latent_branches:
@@ -170,11 +192,6 @@ def _route(model: PerceiverForMaskedLM, recipe: InitRecipe, crop_len: int) -> No
     heads, dheads = c.num_cross_attention_heads, c.decoder_num_heads
     dq, dqd = c.cross_attention_qk_channels // heads, c.decoder_qk_channels // dheads
     n, length = c.num_latents, crop_len
-    if dq + dqd > c.d_latents or dq > c.d_model or dqd > c.d_model:
-        raise ValueError(
-            f"routing needs {dq} + {dqd} latent channels and {max(dq, dqd)} input channels for its "
-            f"position codes; this model has {c.d_latents} and {c.d_model}"
-        )
     window = length / n
     positions = torch.arange(c.max_position_embeddings)
     # Inputs: the position code in channels [0, dq), as large as a byte embedding.
@@ -227,12 +244,6 @@ def _ngram_reader(model: PerceiverForMaskedLM | PerceiverForSequenceClassificati
         c.num_cross_attention_heads,
         c.cross_attention_qk_channels // c.num_cross_attention_heads,
     )
-    if length % c.num_latents or qk >= min(c.d_model, c.d_latents):
-        raise ValueError(
-            f"ngrams needs num_latents ({c.num_latents}) to divide the input length ({length}) and "
-            f"fewer position channels per head ({qk}) than d_model ({c.d_model}) and d_latents "
-            f"({c.d_latents})"
-        )
     stride = length // c.num_latents
     for module in model.modules():  # unit-variance outputs of unit-variance inputs
         if isinstance(module, torch.nn.Linear):

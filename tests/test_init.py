@@ -5,6 +5,7 @@ left at its defaults."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +171,16 @@ def test_ngrams_refuses_what_it_cannot_do() -> None:
         ValueError, match="a classifier's encoder starts either standard or as ngrams"
     ):
         apply_init(model, InitRecipe(embed_std=0.5), 64)
+
+
+def test_a_pretraining_config_whose_model_cannot_take_its_init_fails_at_load() -> None:
+    from pipelines.config import ConfigError, load_config
+    from pipelines.train.config import PretrainConfig
+
+    tiny = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "pretrain_tiny.yaml"
+    ngrams = ["model.init.ngrams=true"]
+    assert load_config(PretrainConfig, tiny, ngrams).model.init.ngrams
+    with pytest.raises(ConfigError, match=r"model.init: ngrams needs num_latents \(12\)"):
+        load_config(PretrainConfig, tiny, [*ngrams, "model.overrides.num_latents=12"])
+    with pytest.raises(ConfigError, match="drop routing"):
+        load_config(PretrainConfig, tiny, [*ngrams, "model.init.routing=true"])

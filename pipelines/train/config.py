@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from perceiver_core.config import PRESETS, PerceiverConfig, get_preset
-from perceiver_core.init import InitRecipe
+from perceiver_core.init import InitRecipe, check_fits
 from perceiver_core.optim import OptimizerConfig
 from pipelines.data.config import PretrainDataConfig
 from pipelines.tracking.config import TrackingConfig
@@ -316,6 +316,11 @@ class PretrainConfig:
                 f"data.packing.crop_len ({crop_len}) exceeds the model's max_position_embeddings "
                 f"({positions}); set model.overrides.max_position_embeddings or a shorter crop"
             )
+        if self.model.init_from is None:
+            try:
+                check_fits(self.model.perceiver_config(), self.model.init, crop_len)
+            except ValueError as error:
+                raise ValueError(f"model.init: {error}") from None
         late = [s for s in self.checkpoint.export_at if s > self.train.steps]
         if late:
             raise ValueError(
