@@ -38,7 +38,10 @@ it makes of them does not depend on where they are: the values and the cross-att
 output leave the position channels alone, the latents' content part is zero, and the latent stack
 starts as the identity. A byte CNN shares its kernel across positions the same way; from
 transformers' initialisation "great" at byte 100 and at byte 300 are different features, which
-5,000 reviews cannot teach apart, and the classifier stays at chance.
+5,000 reviews cannot teach apart, and the classifier stays at chance. A masked LM started from it
+(every linear layer at 1/sqrt(fan-in), the decoder's too) begins at 13 nats per byte, is back on
+the byte-unigram plateau within 100 steps and does not leave it in 300; a classifier from its
+encoder learns as well as one from the initialisation itself (the benchmark's docstring).
 """
 
 from __future__ import annotations
