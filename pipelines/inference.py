@@ -24,6 +24,7 @@ even if an alias moves meanwhile, and no node downloads the model again.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
@@ -43,7 +44,7 @@ import pyarrow.parquet as pq
 from pipelines import storage
 from pipelines.data.readers import read_batches
 from pipelines.data.sources import FileRef, list_files
-from pipelines.errors import UserError
+from pipelines.errors import UserError, user_error
 from pipelines.tracking.models import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -255,14 +256,29 @@ def _score(
     progress(f"predict: scoring {len(todo)} files with {actors} actors ({each} each)")
     start = time.perf_counter()
     rows = 0
-    for done, result in enumerate(scored.iter_rows(), 1):
-        rows += int(result["rows"])
-        elapsed = time.perf_counter() - start
-        progress(
-            f"predict: {done}/{len(todo)} files, {rows:,} rows, {rows / elapsed:,.0f} rows/s "
-            f"({result['output']})"
-        )
-    return rows, time.perf_counter() - start
+    try:
+        for done, result in enumerate(scored.iter_rows(), 1):
+            rows += int(result["rows"])
+            elapsed = time.perf_counter() - start
+            progress(
+                f"predict: {done}/{len(todo)} files, {rows:,} rows, {rows / elapsed:,.0f} rows/s "
+                f"({result['output']})"
+            )
+    except Exception as error:
+        failure = user_error(error)
+        if failure is None:
+            raise
+        message = str(failure)
+    else:
+        return rows, time.perf_counter() - start
+    # A failed execution sits in reference cycles (Ray Data's and its errors' tracebacks) that keep
+    # the actor pool, and the pool's CPUs, until the garbage collector next runs: in a driver that
+    # lives on (the scheduler, a notebook, a test session) later work found no free CPU and waited
+    # for ever. So the bad input is raised as a fresh error, holding nothing of the execution,
+    # after the execution has been collected and its actors released.
+    del scored
+    gc.collect()
+    raise UserError(message)
 
 
 class FileScorer:

@@ -218,6 +218,17 @@ def tiny_config(
 PRETRAIN_STEPS, PRETRAIN_EVAL_EVERY = 100, 25
 
 
+def cpus_freed(ray, cpus: float, within_s: float = 20.0) -> bool:
+    """Whether ``cpus`` CPUs of the Ray runtime are free within ``within_s`` seconds (the actors of
+    finished work give theirs back asynchronously)."""
+    deadline = time.monotonic() + within_s
+    while ray.available_resources().get("CPU", 0.0) < cpus:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 @pytest.fixture(scope="session")
 def pretrained_run(ray_session, s3_data, mlflow_server, tmp_path_factory):
     """The shipped tiny pretraining config, shortened, run once for every test that needs a
@@ -243,6 +254,13 @@ def pretrained_run(ray_session, s3_data, mlflow_server, tmp_path_factory):
             f"eval.every={PRETRAIN_EVAL_EVERY}",
             "checkpoint.every=50",
         ],
+    )
+    # Two 0.5-CPU workers and a 1-CPU crop task: every CPU of the session's runtime. One kept by
+    # an earlier test's leftovers would stall the crop stream until Ray Data gives up (30 min).
+    total = ray_session.cluster_resources()["CPU"]
+    assert cpus_freed(ray_session, total), (
+        f"only {ray_session.available_resources().get('CPU', 0.0)} of the session's {total} CPUs "
+        "are free: an earlier test left actors or tasks running"
     )
     result = run_pretraining(cfg)
     assert result.checkpoint_path.startswith(f"{storage}/tiny-zero3/")

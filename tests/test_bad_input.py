@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from fixtures_train import REPO
+from fixtures_train import REPO, cpus_freed
 from test_models import save_tiny
 
 from pipelines.data.config import PretrainDataConfig
@@ -249,12 +249,16 @@ def test_batch_inference_refuses_bad_columns_and_outputs_of_another_model(
     inputs.mkdir()
     _parquet(inputs / "a.parquet", column="review")
     args = ["--model", str(good_model), "--input", str(inputs)]
+    free = ray_session.available_resources().get("CPU", 0.0)
 
     # A text column the file lacks: found by the actor that reads it, reported as one line.
     assert main([*args, "--output", str(tmp_path / "out1")]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: {inputs / 'a.parquet'} has no column 'text'"), line
     assert not (tmp_path / "out1" / "a.parquet").exists()
+    # The failed execution's actors are gone, their CPUs free for what runs next in this driver
+    # (a leaked pool once kept a CPU, and later training waited for ever for it).
+    assert cpus_freed(ray_session, free), "the failed scoring's actor pool still holds CPUs"
 
     # An output another model (or other settings) made is neither skipped nor overwritten.
     made = tmp_path / "out2" / "a.parquet"
