@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +234,23 @@ def test_stream_window_serves_each_position_once_in_any_order() -> None:
         window.take(8, 2)
     with pytest.raises(EOFError, match="ended at position 23"):
         window.take(22, 2)
+
+
+def test_a_failed_stream_gives_every_rank_its_cause() -> None:
+    """The rank that reads the failure gets it; the next ones get it as their cause, not a
+    stream that seems to have ended (what rank 0 reported when Ray Data timed out for rank 1)."""
+
+    def stalled() -> Iterator[dict[str, np.ndarray]]:
+        yield rows(np.arange(0, 4))
+        raise TimeoutError("Dataset execution made no progress for at least 1800s")
+
+    window = StreamWindow(stalled(), start=0)
+    assert window.take(0, 4)["position"].tolist() == [0, 1, 2, 3]
+    with pytest.raises(TimeoutError, match="no progress"):
+        window.take(4, 4)
+    with pytest.raises(RuntimeError, match="failed at position 4: Dataset execution") as info:
+        window.take(8, 4)
+    assert isinstance(info.value.__cause__, TimeoutError)
 
 
 def test_stream_window_refuses_a_gap_in_the_stream() -> None:

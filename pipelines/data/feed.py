@@ -84,12 +84,22 @@ class StreamWindow:
         self.batches = batches
         self.pending: collections.deque[list[Any]] = collections.deque()  # [first, rows, served]
         self.first = self.end = start  # positions [first, end) are held
+        self.failure: BaseException | None = None
 
     def take(self, start: int, size: int) -> dict[str, np.ndarray]:
         if start < self.first:
             raise RuntimeError(f"stream positions {start}.. were served already (a bug)")
         while self.end < start + size:
-            batch = next(self.batches, None)
+            if self.failure is not None:
+                # A failed iterator says only that it has ended: the other ranks are told why.
+                raise RuntimeError(
+                    f"the training stream failed at position {self.end}: {self.failure}"
+                ) from self.failure
+            try:
+                batch = next(self.batches, None)
+            except Exception as error:
+                self.failure = error
+                raise
             if batch is None:
                 raise EOFError(f"the training stream ended at position {self.end}")
             n = len(batch["position"])
