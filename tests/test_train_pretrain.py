@@ -155,3 +155,26 @@ def test_a_stream_too_short_for_the_run_fails_on_the_driver(
             index,
         )
     assert check_data(cfg, index) == 256  # eval.crops, the held-out split being larger
+
+
+def test_a_rank_waiting_for_its_crops_says_so(ray_session, caplog) -> None:
+    """A stream that makes no progress (its read tasks find no free CPU) is reported while the
+    rank waits, not only when Ray Data gives up half an hour later."""
+    import logging
+    import time
+
+    from pipelines.train.mlm import wait_for
+
+    @ray_session.remote(num_cpus=0)
+    def late() -> str:
+        time.sleep(1.2)
+        return "rows"
+
+    with caplog.at_level(logging.WARNING, logger="pipelines.train.mlm"):
+        assert wait_for(late.remote(), "run: crops 0..4 (step 1)", report_every_s=0.5) == "rows"
+    said = [r.getMessage() for r in caplog.records if r.name == "pipelines.train.mlm"]
+    assert said[:2] == [
+        f"run: crops 0..4 (step 1): waited {s} s for the stream; its read tasks need a CPU the "
+        "workers leave free (train.cpus_per_worker) or a cluster that can add one"
+        for s in ("0.5", "1")
+    ], said

@@ -15,6 +15,7 @@ uninterrupted run would.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -40,6 +41,12 @@ from pipelines.data.feed import CropFeed, StreamSpec
 from pipelines.data.pretrain import crops_to_torch
 from pipelines.train.job import Batch, StartingWeights, WorkerJob
 from pipelines.train.metrics import bits_per_byte
+
+log = logging.getLogger(__name__)
+
+# How long a rank waits for its crops before saying so (then again as often): a stream whose
+# read tasks find no free CPU makes no progress, silently, until Ray Data gives up after 30 min.
+STALL_REPORT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -98,9 +105,10 @@ class MaskedLM:
     def batch(self, step: int, micro: int, size: int, device: torch.device) -> Batch:
         start = self.position(step, micro, size)
         if self.next_ref is not None and self.next_ref[0] == (start, size):
-            rows = ray.get(self.next_ref[1])
+            ref = self.next_ref[1]
         else:
-            rows = ray.get(self.feed.take.remote(self.base_position, start, size))
+            ref = self.feed.take.remote(self.base_position, start, size)
+        rows = wait_for(ref, f"{self.job.name}: crops {start}..{start + size} (step {step + 1})")
         # The next micro-batch, asked for now, arrives while this one trains.
         accum = self.job.batch_size // (self.world_size * size)
         following = (step, micro + 1) if micro + 1 < accum else (step + 1, 0)
@@ -183,6 +191,20 @@ class MaskedLM:
             self.step = self.base_step - 1
         if self.rank == 0:  # the stream starts reading now, before the first step asks for it
             self.feed.open.remote(self.base_position)
+
+
+def wait_for(ref: Any, what: str, report_every_s: float = STALL_REPORT_S) -> Any:
+    """``ray.get(ref)``, saying every ``report_every_s`` seconds that ``what`` is still awaited."""
+    waited = 0.0
+    while not ray.wait([ref], timeout=report_every_s)[0]:
+        waited += report_every_s
+        log.warning(
+            "%s: waited %g s for the stream; its read tasks need a CPU the workers leave free "
+            "(train.cpus_per_worker) or a cluster that can add one",
+            what,
+            waited,
+        )
+    return ray.get(ref)
 
 
 class _SampleLog:
