@@ -289,6 +289,18 @@ def _ngram_reader(model: PerceiverForMaskedLM | PerceiverForSequenceClassificati
         layer.attn.out.weight.zero_()
         layer.mlp.fc2.weight.zero_()
     if isinstance(model, PerceiverForSequenceClassification):
-        # The read-out starts as the mean of the latents (its query projection at zero): with
-        # the class projection also at zero, the encoder's first gradients starve (measured).
-        model.decoder.block.attn.q.weight.zero_()
+        model.decoder.block.attn.q.weight.zero_()  # the read-out starts as a mean
+
+
+@torch.no_grad()
+def unit_scale_head(model: PerceiverForSequenceClassification) -> None:
+    """Re-initialise a classifier's head as ``ngrams`` starts it: every linear layer at
+    1/sqrt(fan-in), so that its outputs are on the scale of its inputs, and the query projection
+    at zero, so that it reads the exact mean of the latents. For a head put on an n-gram encoder
+    when fine-tuning: transformers' initialisation (std 0.02, also close to a mean) passes the
+    encoder's features on so weakly that the encoder's first gradients starve and the classifier
+    stays at chance (3 epochs on 256 bytes of 5,000 IMDB reviews: 0.544 against 0.636)."""
+    for module in model.decoder.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.normal_(std=module.in_features**-0.5)
+    model.decoder.block.attn.q.weight.zero_()

@@ -139,9 +139,34 @@ def classify(
     texts only: pairs are truncated). ``device`` moves the model; by default it runs where the
     model is. Returns one ``Prediction`` per text, in input order.
     """
+    logits = text_logits(
+        model,
+        texts,
+        pairs=pairs,
+        batch_size=batch_size,
+        max_length=max_length,
+        device=device,
+        long_text=long_text,
+    )
+    names = model.config.label_names()
+    return [_prediction(row, names, model.is_regression) for row in logits]
+
+
+def text_logits(
+    model: PerceiverForSequenceClassification,
+    texts: Sequence[str | bytes],
+    *,
+    pairs: Sequence[str] | None = None,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    device: Device = None,
+    long_text: str | None = None,
+) -> torch.Tensor:
+    """The float32 logits ``classify`` answers from, (len(texts), num_labels), in input order;
+    a text may also be its UTF-8 bytes (an evaluation that holds them)."""
     if not isinstance(model, PerceiverForSequenceClassification):
         raise TypeError(f"classify needs a PerceiverForSequenceClassification, got {type(model)}")
-    if isinstance(texts, str) or (pairs is not None and isinstance(pairs, str)):
+    if isinstance(texts, str | bytes) or (pairs is not None and isinstance(pairs, str)):
         raise TypeError(
             "texts and pairs must be sequences of strings; wrap a single text in a list"
         )
@@ -155,25 +180,22 @@ def classify(
     if pair_list is not None and len(pair_list) != len(texts):
         raise ValueError(f"got {len(texts)} texts but {len(pair_list)} pairs")
     limit = _length_limit(model.config, max_length)
-    names = model.config.label_names()
     with _inference(model, device) as target:
         if mode == "truncate" or pair_list is not None:
-            logits = _logits(model, target, texts, pair_list, limit, batch_size)
-        else:
-            windows, owners = _windows(texts, limit - 2)  # [CLS] and [SEP] around each
-            per_window = _logits(model, target, windows, None, limit, batch_size)
-            owner = torch.as_tensor(owners)
-            total = torch.zeros(len(texts), per_window.shape[1]).index_add_(0, owner, per_window)
-            logits = total / torch.bincount(owner, minlength=len(texts)).unsqueeze(1)
-    return [_prediction(row, names, model.is_regression) for row in logits]
+            return _logits(model, target, texts, pair_list, limit, batch_size)
+        windows, owners = _windows(texts, limit - 2)  # [CLS] and [SEP] around each
+        per_window = _logits(model, target, windows, None, limit, batch_size)
+    owner = torch.as_tensor(owners)
+    total = torch.zeros(len(texts), per_window.shape[1]).index_add_(0, owner, per_window)
+    return total / torch.bincount(owner, minlength=len(texts)).unsqueeze(1)
 
 
-def _windows(texts: Sequence[str], width: int) -> tuple[list[bytes], list[int]]:
+def _windows(texts: Sequence[str | bytes], width: int) -> tuple[list[bytes], list[int]]:
     """Each text's UTF-8 bytes in consecutive pieces of ``width`` (an empty text is one empty
     piece), and the index of the text each piece comes from."""
     windows, owners = [], []
     for i, text in enumerate(texts):
-        data = text.encode("utf-8")
+        data = text.encode("utf-8") if isinstance(text, str) else text
         for start in range(0, max(len(data), 1), width):
             windows.append(data[start : start + width])
             owners.append(i)

@@ -94,8 +94,10 @@ def test_recipe_config_errors_name_the_key(tmp_path) -> None:
         load("train.zero_stage=2", "stages.0.optimizer.name=lamb")
     with pytest.raises(ConfigError, match=r"stages\.0\.optimizer\.lrr: unknown key"):
         load("stages.0.optimizer.lrr=1")
-    with pytest.raises(ConfigError, match="sweep and freeze_encoder apply to classify"):
+    with pytest.raises(ConfigError, match="sweep, freeze_encoder and head_init apply to classify"):
         load("stages.0.kind=mlm", "stages.0.freeze_encoder=true")
+    with pytest.raises(ConfigError, match=r"stages\.0\.head_init: expected one of"):
+        load("stages.0.head_init=zeros")
 
 
 def test_classifier_config_takes_shapes_from_the_start_and_labels_from_the_task(tmp_path) -> None:
@@ -127,3 +129,34 @@ def test_classification_metrics_add_the_loss_of_the_logits() -> None:
     assert metrics["loss"] == pytest.approx(expected.item())
     regression = classification_metrics("glue/stsb", np.array([[1.0], [2.0]]), np.array([1.5, 2.0]))
     assert regression["loss"] == pytest.approx(0.125)  # mean squared error
+
+
+def test_evaluation_scores_what_classify_answers_reading_long_texts_in_windows(tmp_path) -> None:
+    """The evaluate stage scores a model as users' ``classify`` answers: a ``long_text: windows``
+    model on every window of each text the set holds, a ``truncate`` one on its beginning."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from perceiver_core.config import get_preset
+    from perceiver_core.model import PerceiverForSequenceClassification
+    from perceiver_core.predict import classify
+    from pipelines.data.finetune import FinetuneDataConfig
+    from pipelines.workflow.evaluate import evaluate_classifier, load_eval_set
+
+    rng = np.random.default_rng(0)
+    texts = ["".join(rng.choice(list("abcdefgh é"), size=n)) for n in rng.integers(5, 150, 40)]
+    labels = rng.integers(0, 2, size=40)
+    pq.write_table(pa.table({"text": texts, "label": labels}), tmp_path / "set.parquet")
+    data = FinetuneDataConfig(task="files", path=str(tmp_path / "set.parquet"), max_length=512)
+    eval_set = load_eval_set(data, "train")
+    torch.manual_seed(0)
+    config = get_preset("tiny", num_labels=2, max_position_embeddings=32, initializer_range=0.5)
+    weights = PerceiverForSequenceClassification(config).state_dict()
+    answers = {}
+    for mode in ("truncate", "windows"):
+        model = PerceiverForSequenceClassification(config.replace(long_text=mode))
+        model.load_state_dict(weights)
+        answers[mode] = [int(p.label[-1]) for p in classify(model, texts)]  # LABEL_0, LABEL_1
+        accuracy = float(np.mean(np.array(answers[mode]) == labels))
+        assert evaluate_classifier(model, eval_set)["accuracy"] == pytest.approx(accuracy)
+    assert answers["truncate"] != answers["windows"]  # the windows were read

@@ -13,7 +13,7 @@ import transformers
 
 from perceiver_core import hf
 from perceiver_core.config import PerceiverConfig, get_preset
-from perceiver_core.init import InitRecipe, apply_init
+from perceiver_core.init import InitRecipe, apply_init, unit_scale_head
 from perceiver_core.model import PerceiverForMaskedLM, PerceiverForSequenceClassification
 
 RECIPE = InitRecipe(
@@ -184,3 +184,21 @@ def test_a_pretraining_config_whose_model_cannot_take_its_init_fails_at_load() -
         load_config(PretrainConfig, tiny, [*ngrams, "model.overrides.num_latents=12"])
     with pytest.raises(ConfigError, match="drop routing"):
         load_config(PretrainConfig, tiny, [*ngrams, "model.init.routing=true"])
+
+
+def test_a_unit_scale_head_reads_the_latents_mean_at_their_scale() -> None:
+    """``unit_scale_head`` (the head a classifier gets on an n-gram encoder): the logits depend on
+    the latents' mean only (reordering them changes nothing) and vary between inputs as much as
+    the latents do; transformers' head passes them on hundreds of times more weakly."""
+    torch.manual_seed(0)
+    model = PerceiverForSequenceClassification(get_preset("tiny", num_labels=2)).eval()
+    latents = torch.randn(16, model.config.num_latents, model.config.d_latents)
+    shuffled = latents[:, torch.randperm(latents.shape[1])]
+    with torch.no_grad():
+        standard = model.decoder(latents).std(0).mean()
+    unit_scale_head(model)
+    with torch.no_grad():
+        logits = model.decoder(latents)
+        assert torch.allclose(logits, model.decoder(shuffled), atol=1e-5)
+        unit = logits.std(0).mean()
+    assert unit > 0.1 and unit > 30 * standard, (float(unit), float(standard))

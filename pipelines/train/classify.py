@@ -30,6 +30,7 @@ import torch
 from perceiver_core.config import PerceiverConfig
 from perceiver_core.flops import step_flops
 from perceiver_core.hf import load_into, load_state_dict
+from perceiver_core.init import unit_scale_head
 from perceiver_core.model import PerceiverForSequenceClassification
 from perceiver_core.task_metrics import primary_metric, task_metrics
 from pipelines.train.core import gather_arrays
@@ -127,6 +128,7 @@ class ClassifySpec:
     start: StartingWeights
     freeze_encoder: bool
     eval_batch_size: int
+    head_init: str = "standard"  # or "unit" (perceiver_core.init.unit_scale_head)
 
     def build(self, job: WorkerJob, rank: int, world_size: int) -> Classify:
         return Classify(self, job.seed, rank, world_size)
@@ -165,6 +167,8 @@ class Classify(TaskDefaults):
         )
         if not same_head:
             weights = {k: v for k, v in weights.items() if "decoder" not in k}
+            if spec.head_init == "unit":
+                unit_scale_head(model)
         load_into(model, weights, strict=same_head)
         if spec.freeze_encoder:
             model.encoder.requires_grad_(False)

@@ -79,6 +79,7 @@ def train_classifier(
             model_config=classifier_config(cfg, init.hf_dir),
             start=StartingWeights(str(init.hf_dir), source, tracking_uri),
             freeze_encoder=stage.freeze_encoder,
+            head_init=stage.head_init,
             eval_batch_size=cfg.train.eval_batch_size,
         ),
         engine=cfg.train,

@@ -66,6 +66,10 @@ class StageConfig:
         multiple of ``train.num_workers``.
     optimizer: AdamW by default, with the paper's fine-tuning warm-up; ``schedule: linear``.
     freeze_encoder: classify: train only the classification head (a linear probe of the encoder).
+    head_init: classify: how a new head starts (one the starting model does not already have):
+        ``standard`` (transformers' initialisation) or ``unit`` (outputs on the scale of its
+        inputs, reading the mean of the latents; what an encoder pretrained from
+        ``model.init.ngrams`` needs to learn, see ``perceiver_core.init.unit_scale_head``).
     patience: classify: stop after this many evaluations without improving the task's metric
         (0: never stop early). The best evaluation's weights are the stage's result either way.
     eval_every_steps: classify: also evaluate (and checkpoint) every N steps within an epoch (0:
@@ -86,6 +90,7 @@ class StageConfig:
         )
     )
     freeze_encoder: bool = False
+    head_init: Literal["standard", "unit"] = "standard"
     patience: int = 0
     eval_every_steps: int = 0
     crop_len: int = 2048
@@ -102,8 +107,10 @@ class StageConfig:
             raise ValueError("patience and eval_every_steps must be >= 0")
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
-        if self.kind == "mlm" and (self.sweep.enabled or self.freeze_encoder):
-            raise ValueError("sweep and freeze_encoder apply to classify stages only")
+        if self.kind == "mlm" and (
+            self.sweep.enabled or self.freeze_encoder or self.head_init != "standard"
+        ):
+            raise ValueError("sweep, freeze_encoder and head_init apply to classify stages only")
 
 
 @dataclass
