@@ -82,6 +82,28 @@ def test_regression_labels_and_custom_json_columns(tmp_path):
     assert rows["input_ids"][1, :4].tolist() == [4, 5, ord("y") + 6, 5]
 
 
+def test_training_windows_are_the_pieces_inference_reads(tmp_path):
+    # Texts of 0, 3, 6, 7 and 20 bytes, windows of 3 bytes (max_length 5), at most 3 per text:
+    # the consecutive pieces long_text: windows classifies, each with its text's label.
+    texts = ["", "abc", "abcdef", "abcdefg", "é" * 10]
+    write_jsonl(
+        tmp_path / "train.jsonl", [{"text": t, "label": i % 2} for i, t in enumerate(texts)]
+    )
+    cfg = FinetuneDataConfig(task="files", path=str(tmp_path / "*.jsonl"), max_length=5)
+    rows = collect_ds(finetune_dataset(cfg, "train", windows=3))
+    pieces, labels = [], []
+    for i, text in enumerate(texts):
+        data = text.encode()
+        for start in range(0, max(len(data), 1), 3)[:3]:
+            pieces.append(data[start : start + 3])
+            labels.append(i % 2)
+    want = ByteTokenizer()(pieces, padding="max_length", max_length=5)
+    np.testing.assert_array_equal(rows["input_ids"], want["input_ids"])
+    np.testing.assert_array_equal(rows["attention_mask"], want["attention_mask"])
+    assert rows["label"].tolist() == labels
+    assert len(collect_ds(finetune_dataset(cfg, "train"))["label"]) == len(texts)
+
+
 def test_missing_label_column_fails_naming_file_and_column(tmp_path):
     path = write_parquet(tmp_path / "unlabelled.parquet", {"text": ["a", "b"]})
     cfg = FinetuneDataConfig(task="files", path=str(path))
@@ -96,3 +118,7 @@ def test_config_validation_names_the_field():
         FinetuneDataConfig(task="files")
     with pytest.raises(ValueError, match="max_length"):
         FinetuneDataConfig(max_length=2)
+    with pytest.raises(ValueError, match="train_windows must be"):
+        FinetuneDataConfig(train_windows=0)
+    with pytest.raises(ValueError, match="train_windows applies to single-text tasks"):
+        FinetuneDataConfig(task="glue/mrpc", train_windows=2)

@@ -84,6 +84,10 @@ class FinetuneDataConfig:
     label_names: names of the labels in id order (default: the task's, from its dataset card;
         ``LABEL_0``... for files); they become the model's ``id2label``.
     max_length: the model's input length; longer texts are truncated, shorter ones padded.
+    train_windows: single-text tasks: train on up to this many consecutive windows of each text
+        (``max_length - 2`` bytes each, the way ``long_text: windows`` reads a text at inference),
+        each a row with the text's label, instead of its first ``max_length - 2`` bytes only.
+        Evaluation splits keep the first window.
     data_dir: local mirror of the Hub, as for pretraining.
     """
 
@@ -98,6 +102,7 @@ class FinetuneDataConfig:
     num_labels: int | None = None
     label_names: list[str] | None = None
     max_length: int = MODEL_MAX_LENGTH
+    train_windows: int = 1
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -110,6 +115,12 @@ class FinetuneDataConfig:
             raise ValueError("path must be set when task is 'files'")
         if not isinstance(self.max_length, int) or self.max_length < 4:
             raise ValueError(f"max_length must be an integer >= 4, got {self.max_length!r}")
+        if not isinstance(self.train_windows, int) or self.train_windows < 1:
+            raise ValueError(f"train_windows must be an integer >= 1, got {self.train_windows!r}")
+        if self.train_windows > 1 and self.columns().pair is not None:
+            raise ValueError(
+                f"train_windows applies to single-text tasks; {self.task} has text pairs"
+            )
         if self.num_labels is not None and self.num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {self.num_labels!r}")
         if self.label_names is not None and len(self.label_names) != self.columns().num_labels:
@@ -183,8 +194,11 @@ def read_labelled(cfg: FinetuneDataConfig, split: str) -> Iterator[dict[str, np.
             yield encode_rows(ref.url, rows.table, columns, cfg.max_length)
 
 
-def finetune_dataset(cfg: FinetuneDataConfig, split: str = "train") -> ray.data.Dataset:
-    """Lazy Ray Dataset of (input_ids, attention_mask, label), one read task per file, in order."""
+def finetune_dataset(
+    cfg: FinetuneDataConfig, split: str = "train", *, windows: int = 1
+) -> ray.data.Dataset:
+    """Lazy Ray Dataset of (input_ids, attention_mask, label), one read task per file, in order;
+    with ``windows`` > 1, up to that many rows per text (``cfg.train_windows`` for training)."""
     import ray.data
 
     refs = finetune_files(cfg, split)
@@ -193,7 +207,7 @@ def finetune_dataset(cfg: FinetuneDataConfig, split: str = "train") -> ray.data.
     ds = ds.map_batches(
         _tokenize_files,
         batch_size=1,
-        fn_kwargs={"columns": cfg.columns(), "max_length": cfg.max_length},
+        fn_kwargs={"columns": cfg.columns(), "max_length": cfg.max_length, "windows": windows},
         # Tokenizing runs at ~100 MB/s, so a read task is mostly I/O: a quarter CPU each lets it
         # start beside training workers that hold fractional CPUs (sweep trials in parallel on a
         # small machine would otherwise leave no whole CPU free, and wait forever).
@@ -204,22 +218,27 @@ def finetune_dataset(cfg: FinetuneDataConfig, split: str = "train") -> ray.data.
 
 
 def _tokenize_files(
-    batch: dict[str, np.ndarray], columns: TaskColumns, max_length: int
+    batch: dict[str, np.ndarray], columns: TaskColumns, max_length: int, windows: int
 ) -> Iterator[dict[str, np.ndarray]]:
     for item in batch["ref"]:
         ref = FileRef(**json.loads(item))
         texts = [c for c in (columns.text, columns.pair) if c is not None]
         for rows in read_batches(ref, [*texts, columns.label], texts):
-            yield encode_rows(ref.url, rows.table, columns, max_length)
+            yield encode_rows(ref.url, rows.table, columns, max_length, windows)
 
 
 def encode_rows(
-    url: str, table: pa.Table, columns: TaskColumns, max_length: int
+    url: str, table: pa.Table, columns: TaskColumns, max_length: int, windows: int = 1
 ) -> dict[str, np.ndarray]:
-    """Tokenize one Arrow batch of a labelled file (text columns as binary)."""
+    """Tokenize one Arrow batch of a labelled file (text columns as binary); with ``windows`` > 1
+    (single texts only), a row for each of a text's first ``windows`` windows of
+    ``max_length - 2`` bytes."""
     tokenizer = ByteTokenizer(model_max_length=max_length, dtype="uint16")
     first = _buffers(table.column(columns.text))
     pair = _buffers(table.column(columns.pair)) if columns.pair is not None else None
+    owner = None
+    if windows > 1 and pair is None:
+        *first, owner = text_windows(*first, max_length - 2, windows)
     encoded = tokenizer.encode_buffers(
         *first, pair=pair, padding="max_length", truncation=True, max_length=max_length
     )
@@ -231,11 +250,29 @@ def encode_rows(
         labels = label.to_numpy().astype(dtype)
     except (TypeError, ValueError, pa.ArrowException) as err:
         raise DataError(f"{url}: column {columns.label!r} holds {label.type}: {err}") from err
+    if owner is not None:
+        labels = labels[owner]
     return {
         "input_ids": encoded["input_ids"],
         "attention_mask": encoded["attention_mask"].astype(np.uint8),
         "label": labels,
     }
+
+
+def text_windows(
+    values: np.ndarray, offsets: np.ndarray, width: int, count: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each text's first ``count`` consecutive ``width``-byte pieces (an empty text is one empty
+    piece) as new ``(values, offsets)``, and the index of the text each piece comes from."""
+    starts, ends = offsets[:-1], offsets[1:]
+    pieces = np.clip(-(-(ends - starts) // width), 1, count)
+    owner = np.repeat(np.arange(len(starts)), pieces)
+    index = np.arange(len(owner)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    begin = starts[owner] + index * width
+    size = np.minimum(begin + width, ends[owner]) - begin
+    new_offsets = np.concatenate([[0], np.cumsum(size)]).astype(np.int64)
+    gather = np.repeat(begin - new_offsets[:-1], size) + np.arange(new_offsets[-1])
+    return values[gather], new_offsets, owner
 
 
 def _buffers(column: Any) -> tuple[np.ndarray, np.ndarray]:

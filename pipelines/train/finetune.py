@@ -100,7 +100,7 @@ def train_classifier(
         job,
         # Every worker reads every row, in file order (see pipelines.train.classify).
         datasets={
-            "train": finetune_dataset(cfg.data, cfg.splits.train),
+            "train": finetune_dataset(cfg.data, cfg.splits.train, windows=cfg.data.train_windows),
             "eval": finetune_dataset(cfg.data, cfg.splits.eval_split(cfg.data.task)),
         },
         keep=2,
