@@ -10,6 +10,7 @@ from data_fixtures import collect_ds, write_jsonl, write_parquet
 from perceiver_core.tokenizer import ByteTokenizer
 from pipelines.data import GLUE_TASKS, FinetuneDataConfig, finetune_dataset
 from pipelines.data.finetune import finetune_files
+from pipelines.train.classify import LabelledRows, epoch_rows
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -91,17 +92,29 @@ def test_training_windows_are_the_pieces_inference_reads(tmp_path):
     )
     cfg = FinetuneDataConfig(task="files", path=str(tmp_path / "*.jsonl"), max_length=5)
     rows = collect_ds(finetune_dataset(cfg, "train", windows=3))
-    pieces, labels = [], []
+    pieces, labels, owners = [], [], []
     for i, text in enumerate(texts):
         data = text.encode()
         for start in range(0, max(len(data), 1), 3)[:3]:
             pieces.append(data[start : start + 3])
             labels.append(i % 2)
+            owners.append(i)
     want = ByteTokenizer()(pieces, padding="max_length", max_length=5)
     np.testing.assert_array_equal(rows["input_ids"], want["input_ids"])
     np.testing.assert_array_equal(rows["attention_mask"], want["attention_mask"])
     assert rows["label"].tolist() == labels
+    assert rows["window"].tolist() == [0, 0, 0, 1, 0, 1, 2, 0, 1, 2]
     assert len(collect_ds(finetune_dataset(cfg, "train"))["label"]) == len(texts)
+
+    # train_window_draw: random: each epoch trains on one window of every text, a different one
+    # from epoch to epoch, the same for a given (seed, epoch).
+    compact = LabelledRows.from_batches([rows])
+    drawn = [epoch_rows(compact, seed=0, epoch=e, draw="random") for e in range(20)]
+    for picks in drawn:
+        assert sorted(owners[r] for r in picks) == list(range(len(texts)))
+    assert {int(r) for picks in drawn for r in picks} == set(range(len(pieces)))
+    np.testing.assert_array_equal(drawn[3], epoch_rows(compact, seed=0, epoch=3, draw="random"))
+    assert sorted(epoch_rows(compact, 0, 0, "all").tolist()) == list(range(len(pieces)))
 
 
 def test_missing_label_column_fails_naming_file_and_column(tmp_path):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -88,6 +88,9 @@ class FinetuneDataConfig:
         (``max_length - 2`` bytes each, the way ``long_text: windows`` reads a text at inference),
         each a row with the text's label, instead of its first ``max_length - 2`` bytes only.
         Evaluation splits keep the first window.
+    train_window_draw: ``all``: every one of those windows is a row of every epoch; ``random``:
+        each epoch trains on one window of each text, drawn afresh from (seed, epoch), so an epoch
+        costs what one window costs and the epochs together see every part of the texts.
     data_dir: local mirror of the Hub, as for pretraining.
     """
 
@@ -103,6 +106,7 @@ class FinetuneDataConfig:
     label_names: list[str] | None = None
     max_length: int = MODEL_MAX_LENGTH
     train_windows: int = 1
+    train_window_draw: Literal["all", "random"] = "all"
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -236,7 +240,7 @@ def encode_rows(
     tokenizer = ByteTokenizer(model_max_length=max_length, dtype="uint16")
     first = _buffers(table.column(columns.text))
     pair = _buffers(table.column(columns.pair)) if columns.pair is not None else None
-    owner = None
+    owner = np.arange(table.num_rows)
     if windows > 1 and pair is None:
         *first, owner = text_windows(*first, max_length - 2, windows)
     encoded = tokenizer.encode_buffers(
@@ -250,12 +254,12 @@ def encode_rows(
         labels = label.to_numpy().astype(dtype)
     except (TypeError, ValueError, pa.ArrowException) as err:
         raise DataError(f"{url}: column {columns.label!r} holds {label.type}: {err}") from err
-    if owner is not None:
-        labels = labels[owner]
     return {
         "input_ids": encoded["input_ids"],
         "attention_mask": encoded["attention_mask"].astype(np.uint8),
-        "label": labels,
+        "label": labels[owner],
+        # Which window of its text a row is (0: the text's first row; always 0 for one window).
+        "window": (np.arange(len(owner)) - np.searchsorted(owner, owner)).astype(np.uint16),
     }
 
 

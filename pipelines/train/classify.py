@@ -39,11 +39,13 @@ from pipelines.train.job import Batch, StartingWeights, TaskDefaults, WorkerJob
 
 @dataclass
 class LabelledRows:
-    """Rows of byte ids without padding: row ``i`` is ``ids[offsets[i]:offsets[i+1]]``."""
+    """Rows of byte ids without padding: row ``i`` is ``ids[offsets[i]:offsets[i+1]]``; a text
+    cut into several windows (``data.train_windows``) is consecutive rows, ``window`` 0, 1, ..."""
 
     ids: np.ndarray  # uint16, all rows concatenated
     offsets: np.ndarray  # int64, (n + 1,)
     labels: np.ndarray  # int64 (classes) or float32 (regression)
+    window: np.ndarray  # uint16, (n,): which window of its text each row is
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -51,21 +53,28 @@ class LabelledRows:
     @classmethod
     def from_batches(cls, batches: Iterable[dict[str, np.ndarray]]) -> LabelledRows:
         """Compact batches of ``pipelines.data.finetune`` rows (right-padded to max_length)."""
-        ids, lengths, labels = [], [], []
+        ids, lengths, labels, window = [], [], [], []
         for batch in batches:
             mask = batch["attention_mask"].astype(bool)
             ids.append(batch["input_ids"][mask].astype(np.uint16))
             lengths.append(mask.sum(axis=1))
             labels.append(batch["label"])
+            window.append(batch.get("window", np.zeros(len(mask), np.uint16)))
         if not labels:
-            return cls(np.zeros(0, np.uint16), np.zeros(1, np.int64), np.zeros(0, np.int64))
+            empty = np.zeros(0, np.uint16)
+            return cls(empty, np.zeros(1, np.int64), np.zeros(0, np.int64), empty)
         offsets = np.zeros(sum(len(x) for x in lengths) + 1, dtype=np.int64)
         np.cumsum(np.concatenate(lengths), out=offsets[1:])
-        return cls(np.concatenate(ids), offsets, np.concatenate(labels))
+        return cls(np.concatenate(ids), offsets, np.concatenate(labels), np.concatenate(window))
 
     def head(self, n: int) -> LabelledRows:
         """The first ``n`` rows."""
-        return LabelledRows(self.ids[: self.offsets[n]], self.offsets[: n + 1], self.labels[:n])
+        end = self.offsets[n]
+        return LabelledRows(self.ids[:end], self.offsets[: n + 1], self.labels[:n], self.window[:n])
+
+    def texts(self) -> np.ndarray:
+        """The first row of each text (int64, ascending)."""
+        return np.flatnonzero(self.window == 0)
 
     def batch(
         self, indices: np.ndarray, device: torch.device | None = None
@@ -92,6 +101,18 @@ class LabelledRows:
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The permutation of ``n`` rows that epoch ``epoch`` trains in."""
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def epoch_rows(rows: LabelledRows, seed: int, epoch: int, draw: str = "all") -> np.ndarray:
+    """The rows epoch ``epoch`` trains on, in order: every row (``draw`` ``all``), or one window of
+    each text drawn from (seed, epoch) (``random``). A function of (seed, epoch) only, so every
+    rank and a resumed run agree."""
+    if draw == "all":
+        return epoch_order(len(rows), seed, epoch)
+    first = rows.texts()
+    counts = np.diff(np.append(first, len(rows)))
+    picks = first + np.random.default_rng([seed, epoch, 1]).integers(counts)
+    return picks[epoch_order(len(first), seed, epoch)]
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -129,6 +150,7 @@ class ClassifySpec:
     freeze_encoder: bool
     eval_batch_size: int
     head_init: str = "standard"  # or "unit" (perceiver_core.init.unit_scale_head)
+    window_draw: str = "all"  # or "random": one window of each text per epoch (epoch_rows)
 
     def build(self, job: WorkerJob, rank: int, world_size: int) -> Classify:
         return Classify(self, job.seed, rank, world_size)
@@ -150,7 +172,9 @@ class Classify(TaskDefaults):
 
     def steps_per_epoch(self, batch_size: int) -> int:
         self.batch_size = batch_size
-        self.per_epoch = steps_per_epoch(len(self.train_rows), batch_size)
+        rows = self.train_rows
+        n = len(rows.texts()) if self.spec.window_draw == "random" else len(rows)
+        self.per_epoch = steps_per_epoch(n, batch_size)
         return self.per_epoch
 
     def build_model(self) -> PerceiverForSequenceClassification:
@@ -178,7 +202,7 @@ class Classify(TaskDefaults):
         epoch, in_epoch = divmod(step, self.per_epoch)
         if epoch != self._order_epoch:
             self._order_epoch = epoch
-            self._order = epoch_order(len(self.train_rows), self.seed, epoch)
+            self._order = epoch_rows(self.train_rows, self.seed, epoch, self.spec.window_draw)
         global_batch = self._order[in_epoch * self.batch_size : (in_epoch + 1) * self.batch_size]
         rows = micro_slice(global_batch, micro, size, self.rank, self.world_size)
         inputs = self.train_rows.batch(rows, device)

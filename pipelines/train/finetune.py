@@ -80,6 +80,7 @@ def train_classifier(
             start=StartingWeights(str(init.hf_dir), source, tracking_uri),
             freeze_encoder=stage.freeze_encoder,
             head_init=stage.head_init,
+            window_draw=cfg.data.train_window_draw,
             eval_batch_size=cfg.train.eval_batch_size,
         ),
         engine=cfg.train,
