@@ -52,7 +52,7 @@ def data_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
         overrides = list(stage.params.get("overrides", []))
         if stage.kind == "pretrain":
             if stage.params.get("init_from"):  # the checks must not resolve the model
-                overrides.append("model.init_from=unused")
+                overrides += ["model.init_from=unused", "model.init={}"]  # as stages.pretrain
             pretrain = load_config(PretrainConfig, stage.params["config"], overrides)
             out[stage.name] = build_index(pretrain.data).fingerprint
         else:

@@ -87,7 +87,9 @@ def pretrain(ctx: StageContext, params: TrainParams, inputs: ModelInput) -> Pret
     overrides = _train_overrides(ctx, params)
     init = inputs.init_model or params.init_from
     if init:
-        overrides.append(f"model.init_from={init}")
+        # Trained weights replace fresh ones: the config's model.init (how fresh weights start,
+        # e.g. a recipe's) no longer applies.
+        overrides += [f"model.init_from={init}", "model.init={}"]
     cfg = load_config(PretrainConfig, ctx.workdir / params.config, overrides)
     if not cfg.tracking.register:
         raise ValueError(f"stage {ctx.stage}: tracking.register must be on (later stages need it)")
