@@ -33,11 +33,12 @@ TEXTS = [
 def shorter(imdb: Path, epochs: int) -> list[str]:
     """Shorter than the shipped tiny pipeline, on fewer reviews: this checks the plumbing
     (tests/test_finetune.py checks accuracy). The promote stage decides on promotion."""
-    data = f"data.path={imdb},'data.files={{split}}.parquet'"
+    data = f"data.path={imdb},'data.files={{split}}.parquet',data.train_windows=1"
     return [
         "--set", f"stages.1.params.overrides=[register.promote=false,stages.0.epochs={epochs},"
         f"train.log_every=10,{data}]",
         "--set", f"stages.2.params.max_rows={TEST_REVIEWS}",
+        "--set", "stages.2.params.data.max_length=512",  # two windows of each review, not eight
     ]  # fmt: skip
 
 
