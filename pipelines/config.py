@@ -340,6 +340,13 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def check_at_least(section: Any, minimum: float, *names: str) -> None:
+    """ValueError naming the first field of ``section`` in ``names`` that is below ``minimum``."""
+    for name in names:
+        if getattr(section, name) < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {getattr(section, name)}")
+
+
 def to_yaml(cfg: Any) -> str:
     """The resolved config as YAML, in field order; ``load_config`` reads it back to an equal value."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)

@@ -18,7 +18,6 @@ without their padding. What that buys over ``streaming_split``:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +33,7 @@ from perceiver_core.init import unit_scale_head
 from perceiver_core.model import PerceiverForSequenceClassification
 from perceiver_core.task_metrics import primary_metric, task_metrics
 from pipelines.train.core import gather_arrays
-from pipelines.train.job import Batch, StartingWeights, TaskDefaults, WorkerJob
+from pipelines.train.job import Batch, StartingWeights, Task, WorkerJob
 
 
 @dataclass
@@ -148,6 +147,7 @@ class ClassifySpec:
     model_config: PerceiverConfig  # the classifier's: num_labels, id2label, problem_type set
     start: StartingWeights
     freeze_encoder: bool
+    keep_head: bool  # the starting weights are a classifier with as many labels
     eval_batch_size: int
     head_init: str = "standard"  # or "unit" (perceiver_core.init.unit_scale_head)
     window_draw: str = "all"  # or "random": one window of each text per epoch (epoch_rows)
@@ -156,7 +156,7 @@ class ClassifySpec:
         return Classify(self, job.seed, rank, world_size)
 
 
-class Classify(TaskDefaults):
+class Classify(Task):
     """No state of its own: the order is a function of (seed, epoch), the step says where in it."""
 
     per_byte_loss = False
@@ -182,18 +182,12 @@ class Classify(TaskDefaults):
         labels (a later stage of a recipe), else a freshly initialised head."""
         spec = self.spec
         model = PerceiverForSequenceClassification(spec.model_config)
-        folder = spec.start.local()
-        weights = load_state_dict(folder)
-        config = json.loads((folder / "config.json").read_text())
-        same_head = (
-            "PerceiverForSequenceClassification" in config.get("architectures", [])
-            and len(config.get("id2label", {})) == spec.model_config.num_labels
-        )
-        if not same_head:
+        weights = load_state_dict(spec.start.local())
+        if not spec.keep_head:
             weights = {k: v for k, v in weights.items() if "decoder" not in k}
             if spec.head_init == "unit":
                 unit_scale_head(model)
-        load_into(model, weights, strict=same_head)
+        load_into(model, weights, strict=spec.keep_head)
         if spec.freeze_encoder:
             model.encoder.requires_grad_(False)
         return model
@@ -245,19 +239,16 @@ def class_logits(
 
 
 def classification_metrics(task: str, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """The task's metrics (``task_metrics``) and the loss of the logits."""
+    """The task's metrics (``task_metrics``) and the loss: mean cross-entropy of class logits (mean
+    squared error for one regression output)."""
     metrics = task_metrics(task, logits.shape[-1], logits, labels)
-    metrics["loss"] = eval_loss(logits, labels)
-    return metrics
-
-
-def eval_loss(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Mean cross-entropy of class logits (mean squared error for one regression output)."""
     if logits.shape[-1] == 1:
-        return float(np.mean((logits.reshape(-1) - labels.astype(np.float64)) ** 2))
+        metrics["loss"] = float(np.mean((logits.reshape(-1) - labels.astype(np.float64)) ** 2))
+        return metrics
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return float(-log_probs[np.arange(len(labels)), labels.astype(np.int64)].mean())
+    metrics["loss"] = float(-log_probs[np.arange(len(labels)), labels.astype(np.int64)].mean())
+    return metrics
 
 
 def read_rows(shard: object, batch_size: int = 1024) -> LabelledRows:

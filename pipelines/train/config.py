@@ -24,6 +24,7 @@ from typing import Any, Literal
 from perceiver_core.config import PRESETS, PerceiverConfig, get_preset
 from perceiver_core.init import InitRecipe, check_fits
 from perceiver_core.optim import OptimizerConfig
+from pipelines.config import check_at_least
 from pipelines.data.config import PretrainDataConfig
 from pipelines.tracking.config import TrackingConfig
 
@@ -136,8 +137,8 @@ class EngineSection:
             raise ValueError(
                 f"num_workers must be a positive number or [min, max], got {self.num_workers}"
             )
-        if self.log_every < 1:
-            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        check_at_least(self, 1, "log_every")
+        check_at_least(self, 0, "grad_clip")
         if self.elastic and self.zero_stage:
             raise ValueError(
                 f"num_workers: ZeRO-{self.zero_stage} checkpoints hold each worker's shard and "
@@ -158,8 +159,6 @@ class EngineSection:
                     f"worker_resources.{name}: give a positive amount of a custom resource "
                     "(CPUs and GPUs are cpus_per_worker and use_gpu)"
                 )
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
         if self.peak_flops_per_worker is not None and self.peak_flops_per_worker <= 0:
             raise ValueError("peak_flops_per_worker must be positive (or null: measured)")
 
@@ -201,10 +200,6 @@ class TrainConfig(EngineSection):
     grad_accum_steps: micro-batches per optimizer step; a step sees
         ``micro_batch_size * grad_accum_steps * num_workers`` crops (the most workers of an
         elastic group; with fewer, each accumulates more micro-batches).
-    report_every: steps between metric reports to Ray Train besides those that come with every
-        checkpoint (0: only those). A report is a barrier that waits for Ray Train's controller to
-        collect the previous one, which it polls every 2 s, so frequent reports stall training;
-        Ray Train keeps only the metrics reported with checkpoints anyway.
     prefetch_batches: data batches each worker keeps ready.
     data_buffer_mb: object-store memory the training stream may fill ahead of the workers. Ray
         Data otherwise produces as far ahead as the object store allows, busying CPUs the
@@ -215,21 +210,13 @@ class TrainConfig(EngineSection):
     micro_batch_size: int = 64
     grad_accum_steps: int = 1
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    report_every: int = 0
     prefetch_batches: int = 2
     data_buffer_mb: int = 256
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("steps", "micro_batch_size", "grad_accum_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.report_every < 0:
-            raise ValueError(f"report_every must be >= 0, got {self.report_every}")
-        if self.data_buffer_mb < 1:
-            raise ValueError(f"data_buffer_mb must be >= 1, got {self.data_buffer_mb}")
-        if self.prefetch_batches < 0:
-            raise ValueError(f"prefetch_batches must be >= 0, got {self.prefetch_batches}")
+        check_at_least(self, 1, "steps", "micro_batch_size", "grad_accum_steps", "data_buffer_mb")
+        check_at_least(self, 0, "prefetch_batches")
         self.check_optimizer(self.optimizer)
         self.check_batch(self.crops_per_step, self.micro_batch_size, "micro_batch_size")
 
@@ -250,10 +237,8 @@ class EvalSection:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        if self.every < 0:
-            raise ValueError(f"every must be >= 0, got {self.every}")
-        if self.crops < 1 or self.batch_size < 1:
-            raise ValueError("crops and batch_size must be >= 1")
+        check_at_least(self, 0, "every")
+        check_at_least(self, 1, "crops", "batch_size")
 
 
 @dataclass
@@ -268,10 +253,7 @@ class CheckpointSection:
     export_at: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.every < 1:
-            raise ValueError(f"every must be >= 1, got {self.every}")
-        if self.keep < 1:
-            raise ValueError(f"keep must be >= 1, got {self.keep}")
+        check_at_least(self, 1, "every", "keep")
         if any(step < 1 for step in self.export_at):
             raise ValueError(f"export_at steps must be >= 1, got {self.export_at}")
 
@@ -328,15 +310,15 @@ class PretrainConfig:
             )
 
 
-# Where workers run, not what they train: left out of every config hash.
-PLACEMENT_KEYS = ("cpus_per_worker", "worker_resources", "elastic_resize_s")
-
-# Keys that do not change what is trained: left out of the config hash used for lineage.
+# Keys that do not change what is trained (names, places, retries, where workers run): left out
+# of the config hash used for lineage.
 HASH_EXCLUDE = (
     "run.name",
     "run.storage_path",
     "tracking",
     "debug",
     "run.max_failures",
-    *(f"train.{k}" for k in PLACEMENT_KEYS),
+    "train.cpus_per_worker",
+    "train.worker_resources",
+    "train.elastic_resize_s",
 )

@@ -20,6 +20,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -84,12 +85,7 @@ class Trainer:
         started = time.perf_counter()
         self.task = job.task.build(job, rank, world_size)
         self.micro = job.micro_batch_size or job.batch_size // world_size
-        self.accum = job.batch_size // (self.micro * world_size)
-        if self.accum < 1 or self.accum * self.micro * world_size != job.batch_size:
-            raise ValueError(
-                f"a batch of {job.batch_size} does not split into micro-batches of {self.micro} "
-                f"on {world_size} workers"
-            )
+        self.accum = job.batch_size // (self.micro * world_size)  # checked by EngineSection
         s = job.schedule
         self.epoch_steps = self.task.steps_per_epoch(job.batch_size)
         self.total = s.steps or s.epochs * self.epoch_steps
@@ -153,7 +149,6 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
 
     def run(self) -> None:
-        report_every = self.job.schedule.report_every
         try:
             while self.step < self.total and not self.progress.stopped_early:
                 self._train_step()
@@ -167,8 +162,6 @@ class Trainer:
                     self.sink.log(self.step, metrics)
                 if self._is_checkpoint_step(evaluated):
                     self._checkpoint(metrics)
-                elif report_every and self.step % report_every == 0:
-                    ray.train.report(metrics if self.rank == 0 else {})
         finally:
             self.sink.close()
 
@@ -288,31 +281,23 @@ class Trainer:
         final = self.step == self.total or self.progress.stopped_early
         requested = self.step in self.job.schedule.export_at
         weights = full_fp32_state_dict(self.engine, self.rank) if final or requested else None
-        write = None
-        if weights is not None:
-
-            def write(folder: Path) -> None:
-                save_pretrained(self._model(weights), folder)
-
+        write = partial(save_pretrained, self._model(weights)) if weights is not None else None
         register = None
         if requested and not final and self.job.register_as and self.rank == 0:
+            register = partial(self._register, metrics=metrics)  # the driver registers the final
 
-            def register(folder: Path) -> None:  # the driver registers the final model
-                self._register(folder / HF_DIR, metrics)
-
-        report = {**metrics, **self.task.checkpoint_metrics(), "step": float(self.step)}
+        report = {**metrics, "step": float(self.step)}
         self.checkpointer.save(
             state, report if self.rank == 0 else {}, export=write, after_report=register
         )
 
-    def _register(self, hf_dir: Path, metrics: dict[str, float]) -> None:
-        values = section(metrics)
+    def _register(self, folder: Path, metrics: dict[str, float]) -> None:
         assert self.job.lineage is not None and self.job.register_as is not None
-        lineage = dataclasses.replace(self.job.lineage, step=self.step, metrics=values)
+        lineage = dataclasses.replace(self.job.lineage, step=self.step, metrics=section(metrics))
         try:
             export.register(
                 self.job.tracking_uri,
-                str(hf_dir),
+                str(folder / HF_DIR),
                 self.job.register_as,
                 lineage,
                 timeout_s=self.job.tracking.close_timeout_s,

@@ -224,11 +224,8 @@ class DdpEngine:
         self._grad_norm: float | None = None
 
     def __call__(self, **inputs: torch.Tensor) -> Any:
-        autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16)
-            if self.precision == "bf16"
-            else nullcontext()
-        )
+        bf16 = self.precision == "bf16"
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         # Gradients are reduced across workers only in the accumulation's last backward (DDP
         # decides that in the forward pass).
         accumulate = not self.is_gradient_accumulation_boundary() and hasattr(

@@ -34,17 +34,13 @@ def write_best(run_dir: str, step: int, model: nn.Module, metrics: dict[str, flo
     storage.write_text(f"{run_dir}/{BEST_DIR}/{BEST_POINTER}", json.dumps(pointer))
 
 
-def read_best(run_dir: str) -> dict[str, Any]:
-    """The run's ``BEST.json``: folder, step and metrics of its best weights."""
+def best_location(run_dir: str) -> tuple[str, dict[str, Any]]:
+    """Where the run's best weights are (a folder or URI), and their ``BEST.json`` (folder, step
+    and metrics)."""
     text = storage.read_text(f"{run_dir}/{BEST_DIR}/{BEST_POINTER}")
     if text is None:
         raise FileNotFoundError(f"{run_dir}/{BEST_DIR}: the run recorded no best weights")
-    return json.loads(text)
-
-
-def best_location(run_dir: str) -> tuple[str, dict[str, Any]]:
-    """Where the run's best weights are (a folder or URI), and their ``BEST.json``."""
-    best = read_best(run_dir)
+    best = json.loads(text)
     return f"{run_dir}/{BEST_DIR}/{best['folder']}", best
 
 

@@ -33,6 +33,7 @@ from pipelines.train import export
 from pipelines.train.classify import ClassifySpec
 from pipelines.train.config import (
     CheckpointSection,
+    EngineSection,
     EvalSection,
     ModelSection,
     PretrainConfig,
@@ -67,6 +68,7 @@ def train_classifier(
     """Train one classify stage (or sweep trial) from ``source`` as Ray Train run ``run_name``,
     logging into the MLflow run ``run_id``; its best evaluation's weights."""
     init = resolve_model(source, tracking_uri=tracking_uri)
+    model_config = classifier_config(cfg, init.hf_dir)
     run_dir = f"{storage.resolve(cfg.run.storage_path, workdir)}/{run_name}"
     job = WorkerJob(
         name=run_name,
@@ -76,9 +78,11 @@ def train_classifier(
         seed=cfg.run.seed,
         task=ClassifySpec(
             task=cfg.data.task,
-            model_config=classifier_config(cfg, init.hf_dir),
+            model_config=model_config,
             start=StartingWeights(str(init.hf_dir), source, tracking_uri),
             freeze_encoder=stage.freeze_encoder,
+            keep_head=init.kind == "classifier"
+            and len(init.label_names) == model_config.num_labels,
             head_init=stage.head_init,
             window_draw=cfg.data.train_window_draw,
             eval_batch_size=cfg.train.eval_batch_size,
@@ -121,20 +125,10 @@ def adapt(
     workdir: Path,
     signing_key: bytes | None = None,
 ) -> StageOutcome:
-    """Masked-LM adaptation on the task's training text: pretraining, started from ``source``,
-    as the run ``run_name``; its final weights."""
-    config = adaptation_config(cfg, stage, source, run_name, tracking_uri)
-    result = run_pretraining(config, workdir=workdir, signing_key=signing_key)
-    return StageOutcome(result.hf_path, section(result.metrics), result.steps)
-
-
-def adaptation_config(
-    cfg: FinetuneConfig, stage: StageConfig, source: str, run_name: str, tracking_uri: str
-) -> PretrainConfig:
-    """The PretrainConfig of an ``mlm`` stage: run ``run_name`` in the recipe's storage and MLflow
-    experiment, from ``source``, on the task's training text (its first text column, labels
-    unused); nothing registered. The paper's IMDB result (about 94% accuracy) came from masked-LM
-    training on IMDB's own reviews before fine-tuning."""
+    """Masked-LM adaptation: pretraining as the run ``run_name`` in the recipe's storage and
+    MLflow experiment, from ``source``, on the task's training text (its first text column, labels
+    unused), nothing registered; its final weights. The paper's IMDB result (about 94% accuracy)
+    came from masked-LM training on IMDB's own reviews before fine-tuning."""
     data = cfg.data
     path, hub_config = data.location()
     text_source = SourceConfig(
@@ -149,10 +143,8 @@ def adaptation_config(
     )
     t = cfg.train
     every = max(1, stage.steps // 4)
-    engine = {
-        f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.name != "eval_batch_size"
-    }
-    return PretrainConfig(
+    engine = {f.name: getattr(t, f.name) for f in dataclasses.fields(EngineSection)}
+    config = PretrainConfig(
         run=dataclasses.replace(cfg.run, name=run_name),
         model=ModelSection(init_from=source),
         data=PretrainDataConfig(
@@ -174,6 +166,8 @@ def adaptation_config(
         checkpoint=CheckpointSection(every=every, keep=2),
         tracking=dataclasses.replace(cfg.tracking, tracking_uri=tracking_uri, register=False),
     )
+    result = run_pretraining(config, workdir=workdir, signing_key=signing_key)
+    return StageOutcome(result.hf_path, section(result.metrics), result.steps)
 
 
 def register_result(

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from perceiver_core.optim import OptimizerConfig
+from pipelines.config import check_at_least
 from pipelines.data.finetune import FinetuneDataConfig
 from pipelines.tracking.config import TrackingConfig
 from pipelines.train.config import HASH_EXCLUDE as PRETRAIN_HASH_EXCLUDE
@@ -46,8 +47,7 @@ class SweepConfig:
             raise ValueError(f"lr values must be positive, got {self.lr}")
         if any(b < 1 for b in self.batch_size):
             raise ValueError(f"batch_size values must be >= 1, got {self.batch_size}")
-        if self.max_concurrent < 0:
-            raise ValueError(f"max_concurrent must be >= 0, got {self.max_concurrent}")
+        check_at_least(self, 0, "max_concurrent")
 
     @property
     def enabled(self) -> bool:
@@ -100,11 +100,8 @@ class StageConfig:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"name must be a non-empty name without '/', got {self.name!r}")
-        for key in ("epochs", "steps", "batch_size", "crop_len"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.patience < 0 or self.eval_every_steps < 0:
-            raise ValueError("patience and eval_every_steps must be >= 0")
+        check_at_least(self, 1, "epochs", "steps", "batch_size", "crop_len")
+        check_at_least(self, 0, "patience", "eval_every_steps")
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
         if self.kind == "mlm" and (
@@ -124,8 +121,7 @@ class FinetuneTrainSection(EngineSection):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        check_at_least(self, 1, "eval_batch_size")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The contract between the drivers and the training core: what a driver resolves and ships to every
-worker (``WorkerJob``: the run, its engine and schedule, and a ``TaskSpec`` that builds the task on
-each worker), and what a task supplies to the core (``Task``, its ``Batch`` of inputs).
+worker (``WorkerJob``: the run, its engine and schedule, and a task spec whose ``build`` makes the
+task on each worker), and what a task supplies to the core (``Task``, its ``Batch`` of inputs).
 ``pipelines.train.core`` runs it; ``pipelines.train.mlm`` and ``pipelines.train.classify`` are the
 tasks; ``pipelines.train.pretrain`` and ``pipelines.train.finetune`` the drivers.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,38 +48,25 @@ class StartingWeights:
         return resolve_model(self.source, tracking_uri=self.tracking_uri).hf_dir
 
 
-class Task(Protocol):
-    """What a task supplies to the core (see ``pipelines.train.mlm`` for an example)."""
+class Task:
+    """What a task supplies to the core (see ``pipelines.train.mlm`` for an example); one without
+    state of its own keeps the default ``state_dict`` / ``load_state_dict``."""
 
     metric: TaskMetric  # the evaluation value that picks the best weights and stops early
     per_byte_loss: bool  # the loss is per byte (log it in bits per byte too)
 
-    def steps_per_epoch(self, batch_size: int) -> int: ...  # 0: a stream without epochs
     def build_model(self) -> nn.Module: ...  # with its starting weights
     def batch(self, step: int, micro: int, size: int, device: torch.device) -> Batch: ...
     def evaluate(self, engine: Any) -> dict[str, float]: ...  # a collective; same on all ranks
-    def checkpoint_metrics(self) -> dict[str, float]: ...  # reported with each checkpoint
-    def state_dict(self) -> dict[str, Any]: ...  # JSON values
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return 0  # a stream without epochs
 
-class TaskDefaults:
-    """What a task without state of its own or checkpoint metrics inherits."""
-
-    def checkpoint_metrics(self) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:  # JSON values
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
-
-
-class TaskSpec(Protocol):
-    """The driver's description of a task; builds the task on each worker."""
-
-    def build(self, job: WorkerJob, rank: int, world_size: int) -> Task: ...
 
 
 @dataclass(frozen=True)
@@ -91,7 +78,6 @@ class Schedule:
         ``register_as`` (the final checkpoint always holds it).
     keep_best: export the weights of each evaluation that improves on the best so far.
     patience: stop after this many evaluations without improvement (0: never).
-    report_every: report metrics to Ray Train every N steps besides checkpoints (0: never).
     """
 
     steps: int = 0
@@ -101,7 +87,6 @@ class Schedule:
     export_at: tuple[int, ...] = ()
     keep_best: bool = False
     patience: int = 0
-    report_every: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,7 +103,7 @@ class WorkerJob:
     tracking_uri: str
     run_dir: str
     seed: int
-    task: TaskSpec
+    task: Any  # the driver's description of the task: .build(job, rank, world_size) -> Task
     engine: EngineSection
     optimizer: OptimizerConfig
     batch_size: int

@@ -21,7 +21,6 @@ from pipelines.config import to_dict, to_yaml
 from pipelines.console import train_logging
 from pipelines.errors import user_error
 from pipelines.tracking import registry, runs
-from pipelines.tracking.config import TrackingConfig
 from pipelines.train.core import train_loop_per_worker
 from pipelines.train.job import WorkerJob
 
@@ -79,12 +78,6 @@ def describe_run(
         runs.log_data_sources(client, run_id, sources)
 
 
-def worker_env(tracking: TrackingConfig) -> dict[str, str]:
-    env = {**tracking.worker_env(), "PERCEIVER_CODE_VERSION": registry.code_version()}
-    env.update({name: os.environ[name] for name in PASSED_ENV if name in os.environ})
-    return env
-
-
 def fit(
     job: WorkerJob,
     *,
@@ -101,6 +94,8 @@ def fit(
     storage_path, _, name = job.run_dir.rpartition("/")
     for dataset in datasets.values():
         dataset.context.enable_progress_bars = False
+    env = {**job.tracking.worker_env(), "PERCEIVER_CODE_VERSION": registry.code_version()}
+    env.update({name: os.environ[name] for name in PASSED_ENV if name in os.environ})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": ray.put(job)},  # by reference (see train_loop_per_worker)
@@ -119,7 +114,7 @@ def fit(
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
-            worker_runtime_env={"env_vars": worker_env(job.tracking)},
+            worker_runtime_env={"env_vars": env},
             logging_config=train_logging(),
         ),
         datasets=dict(datasets),

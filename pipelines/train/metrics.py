@@ -32,11 +32,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-LN2 = math.log(2.0)
-
 
 def bits_per_byte(nats_per_byte: float) -> float:
-    return nats_per_byte / LN2
+    return nats_per_byte / math.log(2.0)
 
 
 @dataclass

@@ -39,7 +39,7 @@ from perceiver_core.model import PerceiverForMaskedLM
 from perceiver_core.task_metrics import TaskMetric
 from pipelines.data.feed import CropFeed, StreamSpec
 from pipelines.data.pretrain import crops_to_torch
-from pipelines.train.job import Batch, StartingWeights, WorkerJob
+from pipelines.train.job import Batch, StartingWeights, Task, WorkerJob
 from pipelines.train.metrics import bits_per_byte
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,6 @@ class MaskedLMSpec:
 
     model_config: PerceiverConfig
     stream: StreamSpec  # its ``crops``: positions the run trains on, steps x batch size
-    eval_crops: int
-    eval_batch_size: int
     # The held-out crops, read once by a Ray task the driver starts before the workers (it reads
     # while they start up): ``ray.ObjectRef`` to ``held_out_batches``' list.
     validation: Any
@@ -69,7 +67,7 @@ class MaskedLMSpec:
         return MaskedLM(self, job, rank, world_size)
 
 
-class MaskedLM:
+class MaskedLM(Task):
     metric = TaskMetric("loss", higher_is_better=False)
     per_byte_loss = True
 
@@ -80,13 +78,9 @@ class MaskedLM:
         self.base_position, self.base_step = 0, 0
         self.step = 0  # the last step a batch was taken for
         self.next_ref: tuple[tuple[int, int], Any] | None = None
-        self.samples = _SampleLog(job.debug.samples_dir, rank, world_size)
         # The feed's process starts now, while the engine is built; it opens the stream once the
         # restored position is known (``load_state_dict``).
         self.feed = self._feed_actor()
-
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return 0  # a stream has no epochs
 
     def build_model(self) -> PerceiverForMaskedLM:
         model = PerceiverForMaskedLM(self.spec.model_config)
@@ -110,13 +104,11 @@ class MaskedLM:
             ref = self.feed.take.remote(self.base_position, start, size)
         rows = wait_for(ref, f"{self.job.name}: crops {start}..{start + size} (step {step + 1})")
         # The next micro-batch, asked for now, arrives while this one trains.
-        accum = self.job.batch_size // (self.world_size * size)
-        following = (step, micro + 1) if micro + 1 < accum else (step + 1, 0)
-        ahead = self.position(*following, size)
+        ahead = start + self.world_size * size  # this rank's next micro-batch, in any step
         if ahead + size <= self.spec.stream.crops:
             self.next_ref = ((ahead, size), self.feed.take.remote(self.base_position, ahead, size))
         self.step = step
-        self.samples.write(step + 1, micro, rows)
+        self._log_samples(step + 1, rows)
         masked = rows["masked"].astype(np.int64)
         decoded = max(1, int(masked.max(initial=0)))  # the decoder's positions per crop
         crop_len = self.spec.stream.data.packing.crop_len
@@ -128,6 +120,25 @@ class MaskedLM:
             targets=int(masked.sum()),
             flops=flops.total,
         )
+
+    def _log_samples(self, step: int, rows: dict[str, np.ndarray]) -> None:
+        """With ``debug.samples_dir``: each rank appends the stream positions and sample ids of
+        every micro-batch it trains on (JSON lines), for the tests that compare runs crop by crop.
+        Records of one worker group share its ``attempt`` (its feed's name)."""
+        if self.job.debug.samples_dir is None:
+            return
+        path = Path(self.job.debug.samples_dir) / f"rank{self.rank}-{os.getpid()}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "step": step,
+            "world_size": self.world_size,
+            "attempt": self.attempt,
+            "time": time.time(),
+            "positions": rows["position"].tolist(),
+            "sample_ids": [int(x) for x in rows["sample_id"]],
+        }
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def _feed_actor(self) -> Any:
         """Rank 0 starts this worker group's feed; every rank gets it by name."""
@@ -146,7 +157,7 @@ class MaskedLM:
             )
         if self.world_size > 1:
             torch.distributed.broadcast_object_list(names, src=0)
-        self.samples.attempt = names[0]
+        self.attempt = names[0]
         return feed if feed is not None else ray.get_actor(names[0])
 
     @torch.no_grad()
@@ -179,9 +190,6 @@ class MaskedLM:
         """Crops trained on by the end of the last step."""
         return self.base_position + (self.step + 1 - self.base_step) * self.job.batch_size
 
-    def checkpoint_metrics(self) -> dict[str, float]:
-        return {"data/crops_consumed": float(self.consumed())}
-
     def state_dict(self) -> dict[str, Any]:
         return {"consumed": self.consumed(), "step": self.step + 1}
 
@@ -205,33 +213,6 @@ def wait_for(ref: Any, what: str, report_every_s: float = STALL_REPORT_S) -> Any
             waited,
         )
     return ray.get(ref)
-
-
-class _SampleLog:
-    """With ``debug.samples_dir``: each rank appends the stream positions and sample ids of every
-    micro-batch it trains on (JSON lines), for the tests that compare runs crop by crop. Records
-    of one worker group share its ``attempt`` (its feed's name)."""
-
-    def __init__(self, folder: str | None, rank: int, world_size: int) -> None:
-        self.path = Path(folder) / f"rank{rank}-{os.getpid()}.jsonl" if folder else None
-        self.world_size = world_size
-        self.attempt = ""
-
-    def write(self, step: int, micro: int, rows: dict[str, np.ndarray]) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "step": step,
-            "micro": micro,
-            "world_size": self.world_size,
-            "attempt": self.attempt,
-            "time": time.time(),
-            "positions": rows["position"].tolist(),
-            "sample_ids": [int(x) for x in rows["sample_id"]],
-        }
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ from pipelines.tracking import registry, runs
 from pipelines.tracking.models import resolve_model
 from pipelines.tracking.sink import section
 from pipelines.train import export
-from pipelines.train.checkpoint import HF_DIR
+from pipelines.train.checkpoint import HF_DIR, checkpoint_name
 from pipelines.train.config import HASH_EXCLUDE, PretrainConfig
 from pipelines.train.job import Schedule, StartingWeights, WorkerJob
 from pipelines.train.launch import fit, open_run
@@ -49,9 +49,7 @@ INDEX_FILE = "data_index.json"
 
 @dataclass(frozen=True)
 class PretrainResult:
-    run_name: str
     run_id: str
-    tracking_uri: str
     steps: int
     metrics: dict[str, Any]  # those reported with the final checkpoint
     checkpoint_path: str  # the final checkpoint (local path or URI)
@@ -113,8 +111,6 @@ def run_pretraining(
                 prefetch_batches=t.prefetch_batches,
                 buffer_mb=t.data_buffer_mb,  # object-store memory filled ahead of training
             ),
-            eval_crops=eval_crops,
-            eval_batch_size=cfg.eval.batch_size,
             # The first eval_crops crops of the held-out split, the same at every validation.
             validation=held_out.remote(validation, eval_crops, cfg.eval.batch_size),
             start=start,
@@ -129,7 +125,6 @@ def run_pretraining(
             eval_every=cfg.eval.every,
             checkpoint_every=cfg.checkpoint.every,
             export_at=tuple(cfg.checkpoint.export_at),
-            report_every=t.report_every,
         ),
         tracking=cfg.tracking,
         config_hash=digest,
@@ -145,20 +140,15 @@ def run_pretraining(
             keep=cfg.checkpoint.keep,
             max_failures=cfg.run.max_failures,
         )
-        checkpoint = result.checkpoint
-        if checkpoint is None:
-            raise RuntimeError("training finished without a checkpoint")
-        # The checkpoint's path within its filesystem has no scheme; the run's folder has.
-        location = f"{run_dir}/{str(checkpoint.path).rstrip('/').rsplit('/', 1)[-1]}"
+        location = f"{run_dir}/{checkpoint_name(t.steps)}"  # the last one (as core names it)
         metrics = dict(result.metrics or {})
         registered = None
         if cfg.tracking.register:
-            values = section(metrics)
             registered = export.register(
                 target.tracking_uri,
                 f"{location}/{HF_DIR}",
                 cfg.tracking.registered_model,
-                dataclasses.replace(lineage, metrics=values),
+                dataclasses.replace(lineage, metrics=section(metrics)),
                 timeout_s=cfg.tracking.close_timeout_s,
             )
     except BaseException:
@@ -166,9 +156,7 @@ def run_pretraining(
         raise
     runs.finish_run(client, run_id)
     return PretrainResult(
-        run_name=cfg.run.name,
         run_id=run_id,
-        tracking_uri=target.tracking_uri,
         steps=t.steps,
         metrics=metrics,
         checkpoint_path=location,
