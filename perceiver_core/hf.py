@@ -234,8 +234,9 @@ def _first(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _read_config(path: Path) -> tuple[PerceiverConfig, dict]:
-    raw = json.loads((path / "config.json").read_text())
+def read_config(path: Path) -> tuple[PerceiverConfig, dict]:
+    """A model folder's config (with our keys transformers has no place for) and its raw JSON."""
+    raw = json.loads((Path(path) / "config.json").read_text())
     extra = raw.get("perceiver_core", {})
     cfg = config_from_hf(raw)
     return (cfg.replace(**extra) if extra else cfg), raw
@@ -286,7 +287,7 @@ def from_pretrained(
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
-    config, raw = _read_config(path)
+    config, raw = read_config(path)
     if config_overrides:
         if "num_labels" in config_overrides and "id2label" not in config_overrides:
             config_overrides["id2label"] = {}

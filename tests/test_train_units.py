@@ -72,6 +72,20 @@ def test_bad_configs_fail_at_load_naming_the_key(override: str, message: str) ->
     assert message in str(info.value)
 
 
+def test_continuing_keeps_the_starting_models_own_shapes(tmp_path: Path) -> None:
+    # A masked LM whose decoder attention transformers cannot express (kept in config.json's
+    # perceiver_core section): continuing it must build that decoder, or its weights do not fit.
+    from perceiver_core.hf import save_pretrained
+    from pipelines.train.pretrain import resolve_start
+
+    config = get_preset("tiny").replace(decoder_qk_channels=32, decoder_num_heads=2)
+    folder = save_pretrained(PerceiverForMaskedLM(config), tmp_path / "mlm")
+    cfg = load_config(PretrainConfig, CONFIGS / "pretrain_tiny.yaml", [f"model.init_from={folder}"])
+    shapes, start, _ = resolve_start(cfg, tracking_uri=f"file:{tmp_path}/mlruns")
+    assert (shapes.decoder_qk_channels, shapes.decoder_num_heads) == (32, 2)
+    assert start is not None and start.source == str(folder)
+
+
 def test_an_elastic_group_keeps_its_global_batch() -> None:
     tiny = CONFIGS / "pretrain_tiny.yaml"
     cfg = load_config(PretrainConfig, tiny, ["train.num_workers=[1,2]", "train.zero_stage=0"])

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from perceiver_core.config import PerceiverConfig
-from perceiver_core.hf import config_from_hf
+from perceiver_core.hf import read_config
 from perceiver_core.masking import MaskingConfig
 from perceiver_core.packing import PackingConfig
 from perceiver_core.task_metrics import primary_metric
@@ -217,7 +217,7 @@ def register_result(
 
 def classifier_config(cfg: FinetuneConfig, weights: Path) -> PerceiverConfig:
     """The classifier's config: the starting model's shapes with the task's labels."""
-    config = config_from_hf(json.loads((weights / "config.json").read_text()))
+    config, _ = read_config(weights)
     labels = cfg.data.label_name_list()
     n = cfg.data.columns().num_labels
     if cfg.data.max_length > config.max_position_embeddings:

@@ -16,14 +16,13 @@ MLflow run of that name is reopened, and the data index saved beside the checkpo
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from perceiver_core.config import PerceiverConfig
-from perceiver_core.hf import config_from_hf
+from perceiver_core.hf import read_config
 from pipelines import storage
 from pipelines.config import config_hash
 from pipelines.data.config import PretrainDataConfig
@@ -175,8 +174,7 @@ def resolve_start(
     if cfg.model.init_from is None:
         return cfg.model.perceiver_config(), None, None
     resolved = resolve_model(cfg.model.init_from, tracking_uri=tracking_uri)
-    values = json.loads((resolved.hf_dir / "config.json").read_text())
-    config = config_from_hf(values).replace(**cfg.model.overrides)
+    config = read_config(resolved.hf_dir)[0].replace(**cfg.model.overrides)
     if cfg.data.packing.crop_len > config.max_position_embeddings:
         raise ValueError(
             f"data.packing.crop_len ({cfg.data.packing.crop_len}) exceeds the starting model's "
