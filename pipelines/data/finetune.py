@@ -240,9 +240,9 @@ def encode_rows(
     tokenizer = ByteTokenizer(model_max_length=max_length, dtype="uint16")
     first = _buffers(table.column(columns.text))
     pair = _buffers(table.column(columns.pair)) if columns.pair is not None else None
-    owner = np.arange(table.num_rows)
+    owner, window = np.arange(table.num_rows), np.zeros(table.num_rows, np.int64)
     if windows > 1 and pair is None:
-        *first, owner = text_windows(*first, max_length - 2, windows)
+        *first, owner, window = text_windows(*first, max_length - 2, windows)
     encoded = tokenizer.encode_buffers(
         *first, pair=pair, padding="max_length", truncation=True, max_length=max_length
     )
@@ -258,16 +258,16 @@ def encode_rows(
         "input_ids": encoded["input_ids"],
         "attention_mask": encoded["attention_mask"].astype(np.uint8),
         "label": labels[owner],
-        # Which window of its text a row is (0: the text's first row; always 0 for one window).
-        "window": (np.arange(len(owner)) - np.searchsorted(owner, owner)).astype(np.uint16),
+        "window": window.astype(np.uint16),  # which window of its text a row is (0: the first)
     }
 
 
 def text_windows(
     values: np.ndarray, offsets: np.ndarray, width: int, count: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Each text's first ``count`` consecutive ``width``-byte pieces (an empty text is one empty
-    piece) as new ``(values, offsets)``, and the index of the text each piece comes from."""
+    piece) as new ``(values, offsets)``, the index of the text each piece comes from, and which
+    piece of its text it is."""
     starts, ends = offsets[:-1], offsets[1:]
     pieces = np.clip(-(-(ends - starts) // width), 1, count)
     owner = np.repeat(np.arange(len(starts)), pieces)
@@ -276,7 +276,7 @@ def text_windows(
     size = np.minimum(begin + width, ends[owner]) - begin
     new_offsets = np.concatenate([[0], np.cumsum(size)]).astype(np.int64)
     gather = np.repeat(begin - new_offsets[:-1], size) + np.arange(new_offsets[-1])
-    return values[gather], new_offsets, owner
+    return values[gather], new_offsets, owner, index
 
 
 def _buffers(column: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -168,13 +168,13 @@ class Classify(Task):
         if len(self.eval_rows) == 0:
             raise ValueError("the evaluation split has no rows")
         self.metric = primary_metric(spec.task, spec.model_config.num_labels)
-        self._order_epoch, self._order = -1, np.zeros(0, dtype=np.int64)
 
     def steps_per_epoch(self, batch_size: int) -> int:
+        """Called by the core before any batch. Every epoch trains on as many rows as the first."""
         self.batch_size = batch_size
-        rows = self.train_rows
-        n = len(rows.texts()) if self.spec.window_draw == "random" else len(rows)
-        self.per_epoch = steps_per_epoch(n, batch_size)
+        self._order_epoch = 0
+        self._order = epoch_rows(self.train_rows, self.seed, 0, self.spec.window_draw)
+        self.per_epoch = steps_per_epoch(len(self._order), batch_size)
         return self.per_epoch
 
     def build_model(self) -> PerceiverForSequenceClassification:

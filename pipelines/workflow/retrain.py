@@ -9,6 +9,7 @@ from typing import Any
 
 from pipelines.config import config_hash, load_config
 from pipelines.workflow.spec import PipelineConfig
+from pipelines.workflow.stages import start_from
 
 
 class RetrainError(RuntimeError):
@@ -52,7 +53,7 @@ def data_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
         overrides = list(stage.params.get("overrides", []))
         if stage.kind == "pretrain":
             if stage.params.get("init_from"):  # the checks must not resolve the model
-                overrides += ["model.init_from=unused", "model.init={}"]  # as stages.pretrain
+                overrides += start_from("unused")
             pretrain = load_config(PretrainConfig, stage.params["config"], overrides)
             out[stage.name] = build_index(pretrain.data).fingerprint
         else:

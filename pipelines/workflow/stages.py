@@ -72,6 +72,12 @@ def _train_overrides(ctx: StageContext, params: TrainParams) -> list[str]:
     ]
 
 
+def start_from(model: str) -> list[str]:
+    """Overrides that start a pretraining config from trained weights: ``model.init`` (how fresh
+    weights start, e.g. a recipe's) no longer applies."""
+    return [f"model.init_from={model}", "model.init={}"]
+
+
 def _quiet_ray_data() -> None:
     import ray
 
@@ -87,9 +93,7 @@ def pretrain(ctx: StageContext, params: TrainParams, inputs: ModelInput) -> Pret
     overrides = _train_overrides(ctx, params)
     init = inputs.init_model or params.init_from
     if init:
-        # Trained weights replace fresh ones: the config's model.init (how fresh weights start,
-        # e.g. a recipe's) no longer applies.
-        overrides += [f"model.init_from={init}", "model.init={}"]
+        overrides += start_from(init)
     cfg = load_config(PretrainConfig, ctx.workdir / params.config, overrides)
     if not cfg.tracking.register:
         raise ValueError(f"stage {ctx.stage}: tracking.register must be on (later stages need it)")
