@@ -5,7 +5,11 @@ process (and must not leak into the test session's Ray driver)."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 from fixtures_train import run_single_process_script
@@ -66,11 +70,47 @@ SCRIPT = textwrap.dedent(
 CASES = [(0, "bf16", "lamb"), (0, "fp32", "lamb"), (2, "bf16", "adamw"), (3, "bf16", "adamw")]
 
 
+def shm_build_lock() -> Path:
+    """Where torch keeps the build lock of DeepSpeed's ``deepspeed_shm_comm`` op (CPU builds)."""
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    assert torch.version.cuda is None, "the CPU build of torch is what the tests run on"
+    version = f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}_cpu"
+    return root / version / "deepspeed_shm_comm" / "lock"
+
+
 @pytest.fixture(scope="module")
 def results() -> dict[tuple[int, str, str], dict]:
-    """All cases in one subprocess: DeepSpeed starts once and builds a new engine per case."""
+    """All cases in one subprocess: DeepSpeed starts once and builds a new engine per case. It
+    starts after a first run that was killed while it built DeepSpeed's C++ op: that run's lock,
+    an hour old, is still there (torch would wait for it forever)."""
+    lock = shm_build_lock()
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    an_hour_ago = time.time() - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))
     outcomes = run_single_process_script(SCRIPT, json.dumps(CASES))
     return dict(zip(CASES, outcomes, strict=True))
+
+
+@pytest.mark.slow
+def test_a_lock_left_by_a_killed_op_build_does_not_hang_the_next_run(results: dict) -> None:
+    assert len(results) == len(CASES)  # the engines started: the stale lock was removed
+    assert not shm_build_lock().exists()  # and the build that followed released its own
+
+
+def test_a_build_lock_younger_than_a_build_is_left_to_its_build(tmp_path: Path) -> None:
+    from pipelines.train.engine import clear_stale_build_locks
+
+    fresh, stale = (tmp_path / "py311_cpu" / f"deepspeed_{n}" / "lock" for n in ("a", "b"))
+    for lock in (fresh, stale):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    os.utime(stale, (time.time() - 900, time.time() - 900))
+    clear_stale_build_locks(tmp_path)
+    assert fresh.exists() and not stale.exists()
 
 
 @pytest.mark.slow

@@ -9,7 +9,10 @@ mixed-precision wrapper) is in this module.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +22,12 @@ from torch import nn
 
 from perceiver_core.optim import OptimizerConfig, build_optimizer, build_scheduler
 from pipelines.train.config import EngineSection
+
+log = logging.getLogger(__name__)
+
+# DeepSpeed builds its C++ ops in about 2 minutes on 2 cores (PLATFORM-NOTES); a build lock older
+# than this was left by a build that was killed.
+STALE_BUILD_LOCK_S = 600.0
 
 Precision = Literal["bf16", "fp16", "fp32"]
 
@@ -129,6 +138,8 @@ def create_engine(
     """``deepspeed.initialize`` with a torch optimizer (no JIT build of fused ops) and our schedule."""
     import deepspeed
 
+    clear_stale_build_locks()
+
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=build_optimizer(model, optimizer),
@@ -136,6 +147,28 @@ def create_engine(
         config=ds_config,
     )
     return engine
+
+
+def clear_stale_build_locks(
+    root: Path | None = None, max_age_s: float = STALE_BUILD_LOCK_S
+) -> None:
+    """Remove the lock of a DeepSpeed op build that was killed (a first run interrupted while it
+    compiled ``deepspeed_shm_comm``): torch waits for that lock to go, without a word, so every
+    later run on the machine would hang at DeepSpeed's start. A lock younger than ``max_age_s``
+    may belong to a build in progress (another rank on this node) and is left alone."""
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    for lock in root.glob("*/deepspeed_*/lock"):
+        try:
+            age = time.time() - lock.stat().st_mtime
+            if age > max_age_s:
+                lock.unlink()
+                log.warning("removed %s, left %.0f min ago by a DeepSpeed op build that did not "
+                            "finish; the op builds again now", lock, age / 60)  # fmt: skip
+        except FileNotFoundError:  # another rank removed it first
+            pass
 
 
 def global_grad_norm(engine: Any) -> float:
