@@ -68,29 +68,32 @@ def test_latents_read_their_windows_and_queries_the_latents_holding_them() -> No
 
 
 @torch.no_grad()
-def test_a_masked_byte_starts_out_depending_on_its_neighbours_not_on_far_bytes() -> None:
+@pytest.mark.parametrize("start", ["routing", "ngrams"])
+def test_a_masked_byte_starts_out_depending_on_its_neighbours_not_on_far_bytes(start) -> None:
     """What the plateau lacks: at initialisation, the output at p moves with the byte beside it."""
-    model = routed()
-    ids = torch.randint(6, 262, (4, CROP), generator=torch.Generator().manual_seed(2))
-    base = model(ids, decode="all").logits[:, 40]
+    model = routed() if start == "routing" else ngram_masked_lm()
+    ids = torch.randint(6, 262, (4, 64), generator=torch.Generator().manual_seed(2))
+    base = model(ids, decode="all").logits[:, 20]
     moved = {}
     for offset in (1, 40):
         other = ids.clone()
-        other[:, 40 + offset] = torch.where(ids[:, 40 + offset] == 38, 107, 38)
-        moved[offset] = float((model(other, decode="all").logits[:, 40] - base).norm(dim=-1).mean())
+        other[:, 20 + offset] = torch.where(ids[:, 20 + offset] == 38, 107, 38)
+        moved[offset] = float((model(other, decode="all").logits[:, 20] - base).norm(dim=-1).mean())
     assert moved[1] > 5 * moved[40], moved
 
 
-def test_values_change_not_shapes_and_transformers_gives_the_same_logits(tmp_path) -> None:
-    model = routed()
+@pytest.mark.parametrize("start", ["routing", "ngrams"])
+def test_values_change_not_shapes_and_transformers_gives_the_same_logits(tmp_path, start) -> None:
+    model = routed() if start == "routing" else ngram_masked_lm()
+    crop = 64
     reference = PerceiverForMaskedLM(model.config).state_dict()
     state = model.state_dict()
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in reference.items()}
     out = hf.save_pretrained(model, tmp_path / "routed")
     theirs = transformers.PerceiverForMaskedLM.from_pretrained(out).eval()
-    ids = torch.randint(6, 262, (2, CROP), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(6, 262, (2, crop), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        expected = theirs(inputs=ids).logits[:, :CROP]
+        expected = theirs(inputs=ids).logits[:, :crop]
         got = model(ids, decode="all").logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
@@ -118,15 +121,30 @@ def test_bad_recipes_are_refused_with_the_key() -> None:
         apply_init(narrow, InitRecipe(routing=True), CROP)
 
 
-def ngram_classifier(ngrams: bool, length: int = 64, stride: int = 4):
-    torch.manual_seed(0)
-    config = PerceiverConfig(
+NGRAM_LM = InitRecipe(
+    ngrams=True, decoder_offsets=(0, -1, 1, -2, 2, 0, -1, 1), decoder_out_gain=0.1
+)
+
+
+def ngram_config(length: int = 64, stride: int = 4) -> PerceiverConfig:
+    return PerceiverConfig(
         max_position_embeddings=length, d_model=64, num_latents=length // stride, d_latents=128,
         num_self_attends_per_block=1, num_self_attention_heads=4, num_cross_attention_heads=8,
         qk_channels=128, v_channels=128, cross_attention_widening_factor=2,
         attention_probs_dropout_prob=0.0, num_labels=2,
     )  # fmt: skip
-    model = PerceiverForSequenceClassification(config)
+
+
+def ngram_masked_lm(seed: int = 0) -> PerceiverForMaskedLM:
+    torch.manual_seed(seed)
+    model = PerceiverForMaskedLM(ngram_config())
+    apply_init(model, NGRAM_LM, 64)
+    return model.eval()
+
+
+def ngram_classifier(ngrams: bool, length: int = 64, stride: int = 4):
+    torch.manual_seed(0)
+    model = PerceiverForSequenceClassification(ngram_config(length, stride))
     if ngrams:
         apply_init(model, InitRecipe(ngrams=True), length)
     return model.eval()
@@ -157,6 +175,22 @@ def test_ngrams_latents_read_their_own_bytes_the_same_way_wherever_they_are() ->
         assert torch.isfinite(logits).all()
     # The read-out starts as the mean of the latents.
     assert not ngram_classifier(True).decoder.block.attn.q.weight.any()
+
+
+@torch.no_grad()
+def test_an_ngram_masked_lms_decoder_reads_the_latents_around_each_byte() -> None:
+    """Without this routing a masked LM from the n-gram start stays on the byte-unigram plateau:
+    its decoder queries, random, read the same mean of the latents wherever they are."""
+    model = ngram_masked_lm()
+    c, enc, dec = model.config, model.encoder, model.decoder
+    ids = torch.randint(6, c.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
+    weights = attention(dec.block.attn, dec.queries[:64], enc(ids)[0], c.decoder_num_heads)
+    starts = torch.arange(0, 64, 4)  # byte 4j starts latent j's window (stride 4)
+    for h, offset in enumerate(NGRAM_LM.decoder_offsets):
+        target = starts // 4 + offset
+        inside = (target >= 0) & (target < c.num_latents)
+        read = weights[h, starts[inside], target[inside]]
+        assert read.min() > 0.5, (h, offset, read.min())
 
 
 def test_ngrams_refuses_what_it_cannot_do() -> None:
