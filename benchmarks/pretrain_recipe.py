@@ -11,6 +11,8 @@ curve and end point) and writes the curves to ``--plot`` (PNG).
 
     python benchmarks/pretrain_recipe.py              # 3 x 600 steps, ~7 min on 2 cores
     make bench-recipe                                 # the same, the plot into docs/
+    python benchmarks/pretrain_recipe.py --config jobs/configs/pretrain_demo.yaml --steps 200 \
+        --eval-every 25 --plot docs/pretrain_demo_recipe.png   # the demo's start, ~1.5 min
 
 What the exploration found on the way (2-core EPYC, 2026-12-01/02), kept because it is what
 anyone trying another recipe needs to know:
