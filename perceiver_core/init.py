@@ -142,11 +142,19 @@ def _logit_gap(attn, queries: torch.Tensor, keys: torch.Tensor, heads: int) -> t
     return (logits.max(-1).values - logits.mean(-1)).mean()
 
 
+def qk_per_head(c: PerceiverConfig) -> tuple[int, int]:
+    """(encoder cross-attention, MLM decoder) query/key channels per head: the room each head has
+    for position codes."""
+    return (
+        c.cross_attention_qk_channels // c.num_cross_attention_heads,
+        c.decoder_qk_channels // c.decoder_num_heads,
+    )
+
+
 def check_fits(c: PerceiverConfig, recipe: InitRecipe, length: int) -> None:
     """Raise ValueError unless ``recipe`` can set up a model of config ``c`` for inputs of
     ``length`` bytes (run on the driver too, so that a config fails when it is loaded)."""
-    heads, dheads = c.num_cross_attention_heads, c.decoder_num_heads
-    dq, dqd = c.cross_attention_qk_channels // heads, c.decoder_qk_channels // dheads
+    dq, dqd = qk_per_head(c)
     if recipe.routing and (dq + dqd > c.d_latents or dq > c.d_model or dqd > c.d_model):
         raise ValueError(
             f"routing needs {dq} + {dqd} latent channels and {max(dq, dqd)} input channels for its "
@@ -199,7 +207,7 @@ def _route(model: PerceiverForMaskedLM, recipe: InitRecipe, crop_len: int) -> No
     enc, dec = model.encoder, model.decoder
     cross, dattn = enc.cross.attn, dec.block.attn
     heads, dheads = c.num_cross_attention_heads, c.decoder_num_heads
-    dq, dqd = c.cross_attention_qk_channels // heads, c.decoder_qk_channels // dheads
+    dq, dqd = qk_per_head(c)
     n, length = c.num_latents, crop_len
     window = length / n
     positions = torch.arange(c.max_position_embeddings)
@@ -249,10 +257,7 @@ NGRAM_CONTENT_STD = 0.1  # what the cross-attention block writes into the latent
 def _ngram_reader(model: PerceiverForMaskedLM | PerceiverForSequenceClassification, length: int):
     c, enc = model.config, model.encoder
     cross, block = enc.cross.attn, enc.cross
-    heads, qk = (
-        c.num_cross_attention_heads,
-        c.cross_attention_qk_channels // c.num_cross_attention_heads,
-    )
+    heads, qk = c.num_cross_attention_heads, qk_per_head(c)[0]
     stride = length // c.num_latents
     for module in model.modules():  # unit-variance outputs of unit-variance inputs
         if isinstance(module, torch.nn.Linear):
@@ -318,9 +323,8 @@ def _route_ngram_decoder(model: PerceiverForMaskedLM, recipe: InitRecipe, length
     left in the latents' first channels (the latent stack starts as the identity, so they reach
     the decoder intact)."""
     c, dattn = model.config, model.decoder.block.attn
-    qk = c.cross_attention_qk_channels // c.num_cross_attention_heads
     dheads = c.decoder_num_heads
-    dqd = c.decoder_qk_channels // dheads
+    qk, dqd = qk_per_head(c)
     stride = length // c.num_latents
     positions = torch.arange(c.max_position_embeddings)
     model.decoder.queries[:, :qk] = geometric_codes(positions, qk, length) * math.sqrt(c.d_model)

@@ -73,12 +73,12 @@ CASES = [(0, "bf16", "lamb"), (0, "fp32", "lamb"), (2, "bf16", "adamw"), (3, "bf
 def shm_build_lock() -> Path:
     """Where torch keeps the build lock of DeepSpeed's ``deepspeed_shm_comm`` op (CPU builds)."""
     import torch
-    from torch.utils.cpp_extension import get_default_build_root
 
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    from pipelines.train.engine import extension_build_root
+
     assert torch.version.cuda is None, "the CPU build of torch is what the tests run on"
     version = f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}_cpu"
-    return root / version / "deepspeed_shm_comm" / "lock"
+    return extension_build_root() / version / "deepspeed_shm_comm" / "lock"
 
 
 @pytest.fixture(scope="module")

@@ -149,6 +149,14 @@ def create_engine(
     return engine
 
 
+def extension_build_root() -> Path:
+    """Where torch builds C++ extensions (DeepSpeed's ops among them), one folder per Python and
+    CUDA version below it."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
 def clear_stale_build_locks(
     root: Path | None = None, max_age_s: float = STALE_BUILD_LOCK_S
 ) -> None:
@@ -156,11 +164,7 @@ def clear_stale_build_locks(
     compiled ``deepspeed_shm_comm``): torch waits for that lock to go, without a word, so every
     later run on the machine would hang at DeepSpeed's start. A lock younger than ``max_age_s``
     may belong to a build in progress (another rank on this node) and is left alone."""
-    if root is None:
-        from torch.utils.cpp_extension import get_default_build_root
-
-        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    for lock in root.glob("*/deepspeed_*/lock"):
+    for lock in (root or extension_build_root()).glob("*/deepspeed_*/lock"):
         try:
             age = time.time() - lock.stat().st_mtime
             if age > max_age_s:
