@@ -1,6 +1,6 @@
 """Fine-tuning throughput on real SST-2 sentences: our path against transformers', in one run.
 
-Ours: rows held without padding (``pipelines.train.classify.LabelledRows``), each batch padded
+Ours: rows held without padding (``pipelines.data.rows.LabelledRows``), each batch padded
 to its longest sentence, our classifier. transformers: ``PerceiverTokenizer`` and
 ``PerceiverForSequenceClassification``, batched two ways: padded to the model's 2048 positions (the
 model card's ``padding="max_length"``; also what ``run_glue.py`` does by default, with
@@ -35,7 +35,7 @@ from perceiver_core import hf
 from perceiver_core.config import get_preset
 from perceiver_core.model import PerceiverForSequenceClassification
 from perceiver_core.tokenizer import ByteTokenizer
-from pipelines.train.classify import LabelledRows
+from pipelines.data.rows import LabelledRows
 
 SST2 = Path(os.environ.get("PERCEIVER_SHARED_DATA", "../shared/data")) / "glue/sst2/train.parquet"
 

@@ -125,10 +125,10 @@ def backpressured_run(args: argparse.Namespace, workdir: Path, peak: float) -> d
 def sample_batches(cfg, count: int) -> list[dict[str, torch.Tensor]]:
     """``count`` micro-batches of the stream the full stack trains on (its index, built here, is
     saved where the run will reuse it)."""
+    from pipelines.data.index import run_index
     from pipelines.data.pretrain import crops_to_torch, pretraining_dataset
-    from pipelines.train.pretrain import load_or_build_index
 
-    index = load_or_build_index(cfg.data, f"{cfg.run.storage_path}/{cfg.run.name}")
+    index = run_index(cfg.data, f"{cfg.run.storage_path}/{cfg.run.name}")
     ds = pretraining_dataset(cfg.data, index)
     size = cfg.train.micro_batch_size
     batches = []

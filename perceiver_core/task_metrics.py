@@ -18,6 +18,9 @@ IMDB:
     glue/wnli     accuracy                                 accuracy
     files         accuracy, or for regression (num_labels == 1) as glue/stsb
 
+``classification_metrics`` adds the loss of the logits (cross-entropy, or squared error for
+regression), as training's evaluation logs it.
+
 Undefined correlations (a constant prediction or target) are 0.0, not NaN, as sklearn does for the
 Matthews correlation: a model that predicts one value has no correlation skill, and a NaN would make
 every "is this checkpoint better" comparison False. The values match sklearn and scipy otherwise
@@ -263,3 +266,16 @@ def task_metrics(
         out[F1] = f1_binary(pred, y, positive=1)
         out[ACC_AND_F1] = (out[ACCURACY] + out[F1]) / 2.0
     return out
+
+
+def classification_metrics(task: str, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The task's metrics (``task_metrics``) and the loss: mean cross-entropy of class logits (mean
+    squared error for one regression output)."""
+    metrics = task_metrics(task, logits.shape[-1], logits, labels)
+    if logits.shape[-1] == 1:
+        metrics["loss"] = float(np.mean((logits.reshape(-1) - labels.astype(np.float64)) ** 2))
+        return metrics
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    metrics["loss"] = float(-log_probs[np.arange(len(labels)), labels.astype(np.int64)].mean())
+    return metrics

@@ -10,7 +10,8 @@ from data_fixtures import collect_ds, write_jsonl, write_parquet
 from perceiver_core.tokenizer import ByteTokenizer
 from pipelines.data import GLUE_TASKS, FinetuneDataConfig, finetune_dataset
 from pipelines.data.finetune import finetune_files
-from pipelines.train.classify import LabelledRows, epoch_rows
+from pipelines.data.rows import LabelledRows
+from pipelines.train.classify import epoch_rows
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

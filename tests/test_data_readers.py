@@ -159,13 +159,17 @@ def test_packing_separator_is_respected(tmp_path):
 
 def test_saved_index_reloads_and_guards_against_other_settings_and_changed_files(tmp_path):
     from pipelines.data import DataError, DataIndex
+    from pipelines.data.index import INDEX_FILE, run_index
 
     path = write_parquet(tmp_path / "d.parquet", {"text": [f"document {i}" for i in range(40)]})
     cfg = one_source(path)
     index = build_index_local(cfg)
-    index.save(tmp_path / "index.json")
-    loaded = DataIndex.load(tmp_path / "index.json")
+    assert DataIndex.load(tmp_path / "run" / INDEX_FILE) is None
+    index.save(tmp_path / "run" / INDEX_FILE)
+    loaded = DataIndex.load(tmp_path / "run" / INDEX_FILE)
     assert loaded.fingerprint == index.fingerprint
+    # A run's resume reuses the index it saved, without reading the data again.
+    assert run_index(cfg, str(tmp_path / "run")).fingerprint == index.fingerprint
     first = collect(local_crops(cfg, loaded))
     assert len(first["length"]) == 4
 
@@ -173,6 +177,8 @@ def test_saved_index_reloads_and_guards_against_other_settings_and_changed_files
     other.packing = PackingConfig(crop_len=512)
     with pytest.raises(ValueError, match="index was built with packing"):
         collect(local_crops(other, loaded))
+    with pytest.raises(ValueError, match=f"run {tmp_path / 'run'} was started with other data"):
+        run_index(other, str(tmp_path / "run"))
 
     write_parquet(path, {"text": ["only one document now"]})
     with pytest.raises(DataError, match=f"{path}.*changed since the index was built"):

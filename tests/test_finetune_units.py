@@ -7,15 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from perceiver_core.task_metrics import classification_metrics
 from pipelines.config import ConfigError, load_config
-from pipelines.train.classify import (
-    LabelledRows,
-    classification_metrics,
-    epoch_order,
-    eval_batches,
-    micro_slice,
-    steps_per_epoch,
-)
+from pipelines.data.rows import LabelledRows
+from pipelines.train.classify import epoch_order, eval_batches, micro_slice, steps_per_epoch
 from pipelines.train.finetune_config import FinetuneConfig
 
 

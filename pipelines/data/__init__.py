@@ -6,7 +6,7 @@ interleaving, ``index`` for the index pass, ``units`` for how documents become c
 position)::
 
     cfg = pipelines.config.load_config(PretrainDataConfig, "data.yaml", ["data_dir=../shared/data"])
-    index = build_index(cfg)                       # executes; the job saves it (DataIndex.save)
+    index = build_index(cfg)                       # executes; a run keeps it (run_index)
     train = pretraining_dataset(cfg, index)        # lazy
     val = pretraining_dataset(cfg, index, split="validation")
 

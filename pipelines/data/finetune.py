@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from perceiver_core.tokenizer import MODEL_MAX_LENGTH, ByteTokenizer
 from pipelines.data.readers import DataError, read_batches, text_buffers
-from pipelines.data.sources import FileRef, Format, list_files
+from pipelines.data.sources import FileRef, Format, files_digest, list_files
 
 if TYPE_CHECKING:
     import ray.data
@@ -170,6 +170,13 @@ def finetune_files(cfg: FinetuneDataConfig, split: str) -> list[FileRef]:
     path, config = cfg.location()
     return list_files(
         path, config=config, split=split, files=cfg.files, format=cfg.format, data_dir=cfg.data_dir
+    )
+
+
+def split_fingerprint(cfg: FinetuneDataConfig, split: str) -> str:
+    """A digest of a split's files (names, sizes, versions) and the columns read from them."""
+    return files_digest(
+        finetune_files(cfg, split), json.dumps(asdict(cfg.columns()), sort_keys=True)
     )
 
 

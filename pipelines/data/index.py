@@ -10,8 +10,8 @@ only the one unit per source that contains k.
 Cost: one read of the data (decompression, JSON parsing, hashing, packing; on one core here about
 165 MB/s of Wikipedia parquet, 60 MB/s of gzipped C4 JSON lines), paid once per dataset version
 and configuration; the index itself is small (one line per parquet row group or JSON file) and is
-saved by the job with ``DataIndex.save`` and reused by every later run and resume. A source restricted with
-``max_files`` is indexed only on those files. Bad files met here are skipped and recorded (with
+saved beside a run's checkpoints (``run_index``) and reused by every resume of the run. A source
+restricted with ``max_files`` is indexed only on those files. Bad files met here are skipped and recorded (with
 ``on_bad_file: skip``) or fail the build, before any training starts.
 """
 
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from perceiver_core.packing import PackingConfig
+from pipelines import storage
 from pipelines.data.config import PretrainDataConfig
 from pipelines.data.readers import WHOLE_FILE, BadFileError, parquet_units
 from pipelines.data.sources import FileRef, SourceConfig, list_files, resolve_root
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
+INDEX_FILE = "data_index.json"  # in a run's folder (run_index)
 # Per-unit columns; those ending in a split name come in pairs (train, validation).
 _UNIT_FIELDS = ("file", "unit", "rows", "null", "empty")
 _SPLIT_FIELDS = ("docs", "text_bytes", "crops", "tokens")
@@ -110,6 +112,16 @@ class DataIndex:
         }
         return json.dumps(payload, sort_keys=True, separators=(",", ":"))
 
+    def save(self, location: str | Path) -> None:
+        """To a local path or an ``s3://`` URI, whole (a reader never sees part of it)."""
+        storage.write_text(str(location), self.to_json())
+
+    @classmethod
+    def load(cls, location: str | Path) -> DataIndex | None:
+        """From a local path or an ``s3://`` URI; None where there is none."""
+        text = storage.read_text(str(location))
+        return None if text is None else cls.from_json(text)
+
     @classmethod
     def from_json(cls, text: str) -> DataIndex:
         payload = json.loads(text)
@@ -126,13 +138,6 @@ class DataIndex:
             for s in payload["sources"]
         ]
         return cls(sources, payload["settings"])
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json(), encoding="utf-8")
-
-    @classmethod
-    def load(cls, path: str | Path) -> DataIndex:
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
 
     def check_matches(self, cfg: PretrainDataConfig) -> None:
         """Fail unless this index was built for ``cfg``'s sources, packing and split."""
@@ -280,12 +285,39 @@ def _index_context(cfg: PretrainDataConfig) -> IndexContext:
 def build_index(cfg: PretrainDataConfig) -> DataIndex:
     """List the files, run the index pass on Ray Data (executes now) and assemble the index.
 
-    The caller owns the Ray runtime (``ray.init`` in the job); saving is ``DataIndex.save``.
+    The caller owns the Ray runtime (``ray.init`` in the job); a run keeps its own (``run_index``).
     """
     files = list_source_files(cfg)
     rows = index_dataset(cfg, files).take_all()
     records = [json.loads(r["record"]) for r in rows]
     return assemble_index(cfg, files, records)
+
+
+def run_index(cfg: PretrainDataConfig, run_dir: str) -> DataIndex:
+    """A training run's index: the one saved in ``run_dir`` (local or ``s3://``) when the run
+    started, else built now and saved there. A resume reads the same stream even if files were
+    added since; one with other data settings fails, naming the run."""
+    index = DataIndex.load(f"{run_dir}/{INDEX_FILE}")
+    if index is not None:
+        try:
+            index.check_matches(cfg)
+        except ValueError as error:
+            raise ValueError(
+                f"data: {error}. The run {run_dir} was started with other data settings; "
+                "resume it with those, or start a new run.name"
+            ) from error
+        logger.info("reusing the run's data index %s", index.fingerprint)
+        return index
+    index = build_index(cfg)
+    index.save(f"{run_dir}/{INDEX_FILE}")
+    counters = index.counters("train")
+    logger.info(
+        "built data index %s: %d documents, %d training crops",
+        index.fingerprint,
+        counters["docs"],
+        counters["crops"],
+    )
+    return index
 
 
 def assemble_index(

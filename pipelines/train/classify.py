@@ -18,7 +18,7 @@ without their padding. What that buys over ``streaming_split``:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,70 +31,10 @@ from perceiver_core.flops import step_flops
 from perceiver_core.hf import load_into, load_state_dict
 from perceiver_core.init import unit_scale_head
 from perceiver_core.model import PerceiverForSequenceClassification
-from perceiver_core.task_metrics import primary_metric, task_metrics
+from perceiver_core.task_metrics import classification_metrics, primary_metric
+from pipelines.data.rows import LabelledRows
 from pipelines.train.core import gather_arrays
 from pipelines.train.job import Batch, StartingWeights, Task, WorkerJob
-
-
-@dataclass
-class LabelledRows:
-    """Rows of byte ids without padding: row ``i`` is ``ids[offsets[i]:offsets[i+1]]``; a text
-    cut into several windows (``data.train_windows``) is consecutive rows, ``window`` 0, 1, ..."""
-
-    ids: np.ndarray  # uint16, all rows concatenated
-    offsets: np.ndarray  # int64, (n + 1,)
-    labels: np.ndarray  # int64 (classes) or float32 (regression)
-    window: np.ndarray  # uint16, (n,): which window of its text each row is
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @classmethod
-    def from_batches(cls, batches: Iterable[dict[str, np.ndarray]]) -> LabelledRows:
-        """Compact batches of ``pipelines.data.finetune`` rows (right-padded to max_length)."""
-        ids, lengths, labels, window = [], [], [], []
-        for batch in batches:
-            mask = batch["attention_mask"].astype(bool)
-            ids.append(batch["input_ids"][mask].astype(np.uint16))
-            lengths.append(mask.sum(axis=1))
-            labels.append(batch["label"])
-            window.append(batch.get("window", np.zeros(len(mask), np.uint16)))
-        if not labels:
-            empty = np.zeros(0, np.uint16)
-            return cls(empty, np.zeros(1, np.int64), np.zeros(0, np.int64), empty)
-        offsets = np.zeros(sum(len(x) for x in lengths) + 1, dtype=np.int64)
-        np.cumsum(np.concatenate(lengths), out=offsets[1:])
-        return cls(np.concatenate(ids), offsets, np.concatenate(labels), np.concatenate(window))
-
-    def head(self, n: int) -> LabelledRows:
-        """The first ``n`` rows."""
-        end = self.offsets[n]
-        return LabelledRows(self.ids[:end], self.offsets[: n + 1], self.labels[:n], self.window[:n])
-
-    def texts(self) -> np.ndarray:
-        """The first row of each text (int64, ascending)."""
-        return np.flatnonzero(self.window == 0)
-
-    def batch(
-        self, indices: np.ndarray, device: torch.device | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Rows ``indices`` right-padded to the longest of them: input_ids, attention_mask, labels."""
-        starts, ends = self.offsets[indices], self.offsets[indices + 1]
-        width = int((ends - starts).max(initial=1))
-        input_ids = np.zeros((len(indices), width), dtype=np.int64)
-        attention_mask = np.zeros((len(indices), width), dtype=np.int64)
-        for row, (a, b) in enumerate(zip(starts, ends, strict=True)):
-            input_ids[row, : b - a] = self.ids[a:b]
-            attention_mask[row, : b - a] = 1
-        out = {
-            "input_ids": torch.from_numpy(input_ids),
-            "attention_mask": torch.from_numpy(attention_mask),
-            "labels": torch.from_numpy(self.labels[indices]),
-        }
-        return {k: v.to(device) for k, v in out.items()} if device is not None else out
-
-    def real_bytes(self, indices: np.ndarray) -> int:
-        return int((self.offsets[indices + 1] - self.offsets[indices]).sum())
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -163,8 +103,8 @@ class Classify(Task):
 
     def __init__(self, spec: ClassifySpec, seed: int, rank: int, world_size: int) -> None:
         self.spec, self.seed, self.rank, self.world_size = spec, seed, rank, world_size
-        self.train_rows = read_rows(ray.train.get_dataset_shard("train"))
-        self.eval_rows = read_rows(ray.train.get_dataset_shard("eval"))
+        self.train_rows = LabelledRows.from_shard(ray.train.get_dataset_shard("train"))
+        self.eval_rows = LabelledRows.from_shard(ray.train.get_dataset_shard("eval"))
         if len(self.eval_rows) == 0:
             raise ValueError("the evaluation split has no rows")
         self.metric = primary_metric(spec.task, spec.model_config.num_labels)
@@ -236,23 +176,3 @@ def class_logits(
     order = gather_arrays(np.concatenate(indices) if indices else np.zeros(0, np.int64), world_size)
     local = np.concatenate(logits) if logits else np.zeros((0, 0), np.float32)
     return gather_arrays(local, world_size)[np.argsort(order)]
-
-
-def classification_metrics(task: str, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """The task's metrics (``task_metrics``) and the loss: mean cross-entropy of class logits (mean
-    squared error for one regression output)."""
-    metrics = task_metrics(task, logits.shape[-1], logits, labels)
-    if logits.shape[-1] == 1:
-        metrics["loss"] = float(np.mean((logits.reshape(-1) - labels.astype(np.float64)) ** 2))
-        return metrics
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    metrics["loss"] = float(-log_probs[np.arange(len(labels)), labels.astype(np.int64)].mean())
-    return metrics
-
-
-def read_rows(shard: object, batch_size: int = 1024) -> LabelledRows:
-    """All rows of a Ray Data shard (a DataIterator from ``ray.train.get_dataset_shard``)."""
-    return LabelledRows.from_batches(
-        shard.iter_batches(batch_size=batch_size, batch_format="numpy")  # type: ignore[attr-defined]
-    )

@@ -9,9 +9,8 @@ the recipe before any stage starts.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from perceiver_core.config import PerceiverConfig
@@ -22,8 +21,8 @@ from perceiver_core.task_metrics import primary_metric
 from pipelines import storage
 from pipelines.config import config_hash
 from pipelines.data.config import MixtureConfig, PretrainDataConfig
-from pipelines.data.finetune import FinetuneDataConfig, finetune_dataset, finetune_files
-from pipelines.data.sources import SourceConfig, files_digest
+from pipelines.data.finetune import finetune_dataset, split_fingerprint
+from pipelines.data.sources import SourceConfig
 from pipelines.data.units import SplitConfig
 from pipelines.signing import checkpoint_key
 from pipelines.tracking import registry, runs
@@ -185,7 +184,7 @@ def register_result(
     lineage = registry.Lineage(
         run_id=run_id,
         step=outcome.step,
-        data_fingerprint=data_fingerprint(cfg.data, cfg.splits.train),
+        data_fingerprint=split_fingerprint(cfg.data, cfg.splits.train),
         config_hash=config_hash(cfg, exclude=HASH_EXCLUDE),
         code_version=registry.code_version(),
         parent=parent,
@@ -231,12 +230,6 @@ def classifier_config(cfg: FinetuneConfig, weights: Path) -> PerceiverConfig:
         problem_type="regression" if n == 1 else None,
         long_text=cfg.register.long_text,
     )
-
-
-def data_fingerprint(data: FinetuneDataConfig, split: str) -> str:
-    """A digest of the training files (names, sizes, versions) and the columns read from them."""
-    columns = json.dumps(asdict(data.columns()), sort_keys=True)
-    return files_digest(finetune_files(data, split), columns)
 
 
 def stage_hash(cfg: FinetuneConfig, stage: StageConfig) -> str:

@@ -25,9 +25,8 @@ from perceiver_core.config import PerceiverConfig
 from perceiver_core.hf import read_config
 from pipelines import storage
 from pipelines.config import config_hash
-from pipelines.data.config import PretrainDataConfig
 from pipelines.data.feed import StreamSpec, held_out
-from pipelines.data.index import DataIndex, build_index
+from pipelines.data.index import DataIndex, run_index
 from pipelines.data.pretrain import plan_stream, pretraining_dataset
 from pipelines.data.sources import files_digest
 from pipelines.signing import checkpoint_key
@@ -42,8 +41,6 @@ from pipelines.train.launch import fit, open_run
 from pipelines.train.mlm import MaskedLMSpec
 
 log = logging.getLogger(__name__)
-
-INDEX_FILE = "data_index.json"
 
 
 @dataclass(frozen=True)
@@ -66,7 +63,7 @@ def run_pretraining(
     checkpoints, as the caller resolved it (default: ``checkpoint_key()`` in this process)."""
     workdir = (workdir or Path.cwd()).resolve()
     run_dir = f"{storage.resolve(cfg.run.storage_path, workdir)}/{cfg.run.name}"
-    index = load_or_build_index(cfg.data, run_dir)
+    index = run_index(cfg.data, run_dir)
     eval_crops = check_data(cfg, index)
     validation = pretraining_dataset(cfg.data, index, split="validation")
     digest = config_hash(cfg, exclude=HASH_EXCLUDE)
@@ -184,32 +181,6 @@ def resolve_start(
     start = StartingWeights(str(resolved.hf_dir), cfg.model.init_from, tracking_uri)
     parent = resolved.registered.registry_uri if resolved.registered else cfg.model.init_from
     return config, start, parent
-
-
-def load_or_build_index(data: PretrainDataConfig, run_dir: str) -> DataIndex:
-    """The run's data index: the one saved with the run (resume), else built now and saved."""
-    text = storage.read_text(f"{run_dir}/{INDEX_FILE}")
-    if text is not None:
-        index = DataIndex.from_json(text)
-        try:
-            index.check_matches(data)
-        except ValueError as error:
-            raise ValueError(
-                f"data: {error}. The run {run_dir} was started with other data settings; "
-                "resume it with those, or start a new run.name"
-            ) from error
-        log.info("reusing the run's data index %s", index.fingerprint)
-        return index
-    index = build_index(data)
-    storage.write_text(f"{run_dir}/{INDEX_FILE}", index.to_json())
-    counters = index.counters("train")
-    log.info(
-        "built data index %s: %d documents, %d training crops",
-        index.fingerprint,
-        counters["docs"],
-        counters["crops"],
-    )
-    return index
 
 
 def check_data(cfg: PretrainConfig, index: DataIndex) -> int:

@@ -11,11 +11,12 @@ import numpy as np
 import torch
 
 from perceiver_core.predict import text_logits
-from perceiver_core.task_metrics import primary_metric
+from perceiver_core.task_metrics import classification_metrics, primary_metric
 from perceiver_core.tokenizer import BYTE_OFFSET
 from pipelines.data.finetune import FinetuneDataConfig, finetune_files, read_labelled
+from pipelines.data.rows import LabelledRows
 from pipelines.data.sources import files_digest
-from pipelines.train.classify import LabelledRows, class_logits, classification_metrics
+from pipelines.train.classify import class_logits
 
 
 @dataclass(frozen=True)

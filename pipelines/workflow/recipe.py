@@ -25,7 +25,7 @@ from typing import Any
 
 from perceiver_core.task_metrics import primary_metric
 from pipelines.config import config_hash, to_dict
-from pipelines.data.finetune import check_columns
+from pipelines.data.finetune import check_columns, split_fingerprint
 from pipelines.tracking import registry, runs
 from pipelines.tracking.config import TrackingConfig
 from pipelines.tracking.models import ResolvedModel, resolve_model
@@ -311,7 +311,7 @@ def run_finetune(
     parent = init.registered.registry_uri if init.registered is not None else cfg.init
     tags = {
         "config_hash": config_hash(cfg, exclude=HASH_EXCLUDE),
-        "data.fingerprint": finetune.data_fingerprint(cfg.data, cfg.splits.train),
+        "data.fingerprint": split_fingerprint(cfg.data, cfg.splits.train),
         "finetune.init": cfg.init,
     }
     # The recipe's run: this one's own, or the enclosing stage's run it is nested in.

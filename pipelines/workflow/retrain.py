@@ -41,9 +41,9 @@ def check_champions(cfg: PipelineConfig) -> None:
 def data_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     """The data fingerprint of every training stage (pretraining: its data index; fine-tuning:
     its training files)."""
+    from pipelines.data.finetune import split_fingerprint
     from pipelines.data.index import build_index
     from pipelines.train.config import PretrainConfig
-    from pipelines.train.finetune import data_fingerprint
     from pipelines.train.finetune_config import FinetuneConfig
 
     out: dict[str, str] = {}
@@ -58,7 +58,7 @@ def data_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
             out[stage.name] = build_index(pretrain.data).fingerprint
         else:
             finetune = load_config(FinetuneConfig, stage.params["config"], overrides)
-            out[stage.name] = data_fingerprint(finetune.data, finetune.splits.train)
+            out[stage.name] = split_fingerprint(finetune.data, finetune.splits.train)
     return out
 
 
