@@ -7,7 +7,7 @@ One process, no Ray: the sample data packed into the config's crops, the same op
 rate schedule, batch size and number of steps for each model (the config's AdamW, warm-up and
 cosine decay), validation loss (nats per masked byte) and masked-byte accuracy on 256 held-out
 crops every ``--eval-every`` steps. Prints one JSON line (the machine, the settings, each model's
-curve and end point) and writes the curves to ``--plot`` (PNG).
+curve and end point) and, with ``--plot``, draws the curves there (PNG).
 
     python benchmarks/pretrain_recipe.py              # 3 x 600 steps, ~7 min on 2 cores
     make bench-recipe                                 # the same, the plot into docs/

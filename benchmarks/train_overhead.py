@@ -112,11 +112,13 @@ def backpressured_run(args: argparse.Namespace, workdir: Path, peak: float) -> d
     """The full stack again, with a 1 MiB read-ahead buffer: smaller than this run's stream, as a
     long run's buffer is smaller than its stream, so Ray Data's executor waits on the workers
     until the end, which is the steady state of a long run."""
+    from pipelines.data.index import INDEX_FILE
+
     cfg = benchmark_config(args, workdir, peak, "overhead-backpressured", 1)
     folder = workdir / "runs" / "overhead-backpressured"
     folder.mkdir(parents=True)
-    index = workdir / "runs" / "overhead" / "data_index.json"
-    (folder / "data_index.json").write_text(index.read_text())  # the same data, not indexed again
+    index = workdir / "runs" / "overhead" / INDEX_FILE
+    (folder / INDEX_FILE).write_text(index.read_text())  # the same data, not indexed again
     result = full_stack(cfg, workdir)
     log(f"full stack, backpressured stream: {result}")
     return result

@@ -174,13 +174,12 @@ def small_imdb_dir(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) 
 def tiny_data_index(ray_session, shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
     """The tiny config's data index over ../shared/data, built once for all training tests."""
     from pipelines.config import load_config
-    from pipelines.data.index import build_index
+    from pipelines.data.index import INDEX_FILE, build_index
     from pipelines.train.config import PretrainConfig
 
     cfg = load_config(PretrainConfig, TINY_CONFIG, [f"data.data_dir={shared_data}"])
-    path = tmp_path_factory.mktemp("index") / "data_index.json"
-    index = build_index(cfg.data)
-    path.write_text(index.to_json())
+    path = tmp_path_factory.mktemp("index") / INDEX_FILE
+    build_index(cfg.data).save(path)
     return path
 
 
@@ -210,7 +209,7 @@ def tiny_config(
     if index is not None:
         run_dir = Path(storage) / name
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "data_index.json").write_text(index.read_text())
+        (run_dir / index.name).write_text(index.read_text())  # the run's saved index
     return cfg
 
 

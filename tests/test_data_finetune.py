@@ -9,7 +9,7 @@ from data_fixtures import collect_ds, write_jsonl, write_parquet
 
 from perceiver_core.tokenizer import ByteTokenizer
 from pipelines.data import GLUE_TASKS, FinetuneDataConfig, finetune_dataset
-from pipelines.data.finetune import finetune_files
+from pipelines.data.finetune import finetune_files, split_fingerprint
 from pipelines.data.rows import LabelledRows
 from pipelines.train.classify import epoch_rows
 
@@ -116,6 +116,21 @@ def test_training_windows_are_the_pieces_inference_reads(tmp_path):
     assert {int(r) for picks in drawn for r in picks} == set(range(len(pieces)))
     np.testing.assert_array_equal(drawn[3], epoch_rows(compact, seed=0, epoch=3, draw="random"))
     assert sorted(epoch_rows(compact, 0, 0, "all").tolist()) == list(range(len(pieces)))
+
+
+def test_a_splits_fingerprint_follows_its_files_and_columns(tmp_path):
+    """The lineage of a classifier: the same files and columns give the same digest, a changed
+    file or another column another one."""
+    path = write_parquet(
+        tmp_path / "a.parquet", {"text": ["a", "b"], "other": ["c", "d"], "label": [0, 1]}
+    )
+    cfg = FinetuneDataConfig(task="files", path=str(path))
+    first = split_fingerprint(cfg, "train")
+    assert split_fingerprint(FinetuneDataConfig(task="files", path=str(path)), "train") == first
+    other_column = FinetuneDataConfig(task="files", path=str(path), text_column="other")
+    assert split_fingerprint(other_column, "train") != first
+    write_parquet(path, {"text": ["a", "b", "e"], "other": ["c", "d", "f"], "label": [0, 1, 1]})
+    assert split_fingerprint(cfg, "train") != first
 
 
 def test_missing_label_column_fails_naming_file_and_column(tmp_path):

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from perceiver_core.task_metrics import classification_metrics
 from pipelines.config import ConfigError, load_config
 from pipelines.data.rows import LabelledRows
 from pipelines.train.classify import epoch_order, eval_batches, micro_slice, steps_per_epoch
@@ -113,17 +112,6 @@ def test_classifier_config_takes_shapes_from_the_start_and_labels_from_the_task(
     assert (stsb.num_labels, stsb.problem_type) == (1, "regression")
     with pytest.raises(ValueError, match="exceeds the starting model's max_position_embeddings"):
         classifier_config(load_config(FinetuneConfig, None, ["data.max_length=512"]), folder)
-
-
-def test_classification_metrics_add_the_loss_of_the_logits() -> None:
-    logits = np.array([[2.0, -1.0], [0.5, 1.5], [0.0, 0.1]])
-    labels = np.array([0, 1, 0])
-    metrics = classification_metrics("imdb", logits, labels)
-    assert metrics["accuracy"] == pytest.approx(2 / 3)
-    expected = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(labels))
-    assert metrics["loss"] == pytest.approx(expected.item())
-    regression = classification_metrics("glue/stsb", np.array([[1.0], [2.0]]), np.array([1.5, 2.0]))
-    assert regression["loss"] == pytest.approx(0.125)  # mean squared error
 
 
 def test_evaluation_scores_what_classify_answers_reading_long_texts_in_windows(tmp_path) -> None:

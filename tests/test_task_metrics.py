@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import special, stats
 from sklearn import metrics as skm
 
 from perceiver_core import task_metrics as tm
@@ -239,3 +239,16 @@ def test_module_imports_only_numpy_and_the_standard_library() -> None:
     }
     roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert roots == {"__future__", "dataclasses", "math", "numpy"}
+
+
+def test_classification_metrics_add_the_loss_of_the_logits() -> None:
+    logits = np.array([[2.0, -1.0], [0.5, 1.5], [0.0, 0.1]])
+    labels = np.array([0, 1, 0])
+    metrics = tm.classification_metrics("imdb", logits, labels)
+    assert metrics["accuracy"] == pytest.approx(2 / 3)
+    expected = -special.log_softmax(logits, axis=1)[np.arange(3), labels].mean()
+    assert metrics["loss"] == pytest.approx(expected)
+    regression = tm.classification_metrics(
+        "glue/stsb", np.array([[1.0], [2.0]]), np.array([1.5, 2.0])
+    )
+    assert regression["loss"] == pytest.approx(0.125)  # mean squared error

@@ -8,10 +8,10 @@ mixture schedule is exact, work is cut into tasks at unit boundaries, and a resu
 only the one unit per source that contains k.
 
 Cost: one read of the data (decompression, JSON parsing, hashing, packing; on one core here about
-165 MB/s of Wikipedia parquet, 60 MB/s of gzipped C4 JSON lines), paid once per dataset version
-and configuration; the index itself is small (one line per parquet row group or JSON file) and is
-saved beside a run's checkpoints (``run_index``) and reused by every resume of the run. A source
-restricted with ``max_files`` is indexed only on those files. Bad files met here are skipped and recorded (with
+165 MB/s of Wikipedia parquet, 60 MB/s of gzipped C4 JSON lines), paid once per training run; the
+index itself is small (one line per parquet row group or JSON file) and is saved beside the run's
+checkpoints (``run_index``) and reused by every resume of the run. A source restricted with
+``max_files`` is indexed only on those files. Bad files met here are skipped and recorded (with
 ``on_bad_file: skip``) or fail the build, before any training starts.
 """
 
@@ -113,12 +113,13 @@ class DataIndex:
         return json.dumps(payload, sort_keys=True, separators=(",", ":"))
 
     def save(self, location: str | Path) -> None:
-        """To a local path or an ``s3://`` URI, whole (a reader never sees part of it)."""
+        """To a local path or an ``s3://`` URI (a string: a ``Path`` is local), whole (a reader
+        never sees part of it)."""
         storage.write_text(str(location), self.to_json())
 
     @classmethod
     def load(cls, location: str | Path) -> DataIndex | None:
-        """From a local path or an ``s3://`` URI; None where there is none."""
+        """From a local path or an ``s3://`` URI (a string); None where there is no such file."""
         text = storage.read_text(str(location))
         return None if text is None else cls.from_json(text)
 

@@ -1,6 +1,6 @@
 """The pretraining stream: a lazy Ray Dataset of masked 2048-byte crops, deterministic and resumable.
 
-    index = build_index(cfg)                     # once per dataset version; a run keeps it (run_index)
+    index = build_index(cfg)                     # a run keeps its own (run_index)
     ds = pretraining_dataset(cfg, index)         # lazy; pass to TorchTrainer(datasets=...)
     ds = pretraining_dataset(cfg, index, start=k)  # resume: exactly the crops from position k on
 

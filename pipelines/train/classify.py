@@ -4,7 +4,7 @@ deals itself its share of each global batch, in an order fixed by (seed, epoch).
 Fine-tuning sets are small next to pretraining streams: QQP, the largest GLUE training set, is
 364k pairs of about 120 bytes, under 50 MB as byte ids. So each worker reads the whole split
 through Ray Data (tokenized in Ray Data tasks, ``pipelines.data.finetune``) and keeps the ids
-without their padding. What that buys over ``streaming_split``:
+without their padding (``pipelines.data.rows``). What that buys over ``streaming_split``:
 
 - a true shuffle per epoch (the IMDB files are sorted by label: a windowed shuffle would train on
   one label at a time), with the order a function of (seed, epoch) only;
