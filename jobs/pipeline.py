@@ -28,7 +28,7 @@ from pipelines.workflow.stages import KINDS, DataUnavailable, resolve_data_dir, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    loaded = pipeline_from_args("python -m jobs.pipeline", __doc__.split("\n")[0], argv)
+    loaded = pipeline_from_args("python -m jobs.pipeline", __doc__.split("\n\n")[0], argv)
     if loaded is None:
         return 2
     cfg, data_dir = loaded

@@ -21,7 +21,7 @@ from jobs.pipeline import pipeline_from_args, run_and_report
 
 
 def main(argv: list[str] | None = None) -> int:
-    loaded = pipeline_from_args("python -m jobs.retrain", __doc__.split("\n")[0], argv)
+    loaded = pipeline_from_args("python -m jobs.retrain", __doc__.split("\n\n")[0], argv)
     if loaded is None:
         return 2
     cfg, _ = loaded

@@ -1,4 +1,4 @@
-"""The layer rules of DESIGN.md, checked on the source rather than trusted."""
+"""The layer rules (the README's Layout), checked on the source rather than trusted."""
 
 from __future__ import annotations
 
