@@ -158,6 +158,7 @@ def test_packing_separator_is_respected(tmp_path):
 
 
 def test_saved_index_reloads_and_guards_against_other_settings_and_changed_files(tmp_path):
+    from pipelines.config import ConfigError
     from pipelines.data import DataError, DataIndex
     from pipelines.data.index import INDEX_FILE, run_index
 
@@ -177,7 +178,8 @@ def test_saved_index_reloads_and_guards_against_other_settings_and_changed_files
     other.packing = PackingConfig(crop_len=512)
     with pytest.raises(ValueError, match="index was built with packing"):
         collect(local_crops(other, loaded))
-    with pytest.raises(ValueError, match=f"run {tmp_path / 'run'} was started with other data"):
+    # A user error (one line from the job, no traceback), naming the run.
+    with pytest.raises(ConfigError, match=f"run {tmp_path / 'run'} was started with other data"):
         run_index(other, str(tmp_path / "run"))
 
     write_parquet(path, {"text": ["only one document now"]})

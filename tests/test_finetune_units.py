@@ -110,7 +110,7 @@ def test_classifier_config_takes_shapes_from_the_start_and_labels_from_the_task(
         load_config(FinetuneConfig, None, ["data.task=glue/stsb", "data.max_length=64"]), folder
     )
     assert (stsb.num_labels, stsb.problem_type) == (1, "regression")
-    with pytest.raises(ValueError, match="exceeds the starting model's max_position_embeddings"):
+    with pytest.raises(ConfigError, match="exceeds the starting model's max_position_embeddings"):
         classifier_config(load_config(FinetuneConfig, None, ["data.max_length=512"]), folder)
 
 

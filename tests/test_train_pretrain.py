@@ -136,6 +136,7 @@ def test_registered_model_gives_the_trained_logits(trained, mlflow_server, tmp_p
 def test_a_stream_too_short_for_the_run_fails_on_the_driver(
     shared_data, tiny_data_index, tmp_path
 ) -> None:
+    from pipelines.config import ConfigError
     from pipelines.data.index import DataIndex
     from pipelines.train.pretrain import check_data
 
@@ -148,7 +149,7 @@ def test_a_stream_too_short_for_the_run_fails_on_the_driver(
     )
     index = DataIndex.from_json(tiny_data_index.read_text())
     with pytest.raises(
-        ValueError, match=r"data: the training stream has .* crops and the run needs"
+        ConfigError, match=r"data: the training stream has .* crops and the run needs"
     ):
         check_data(
             tiny_config(shared_data, tmp_path, "http://unused", "short", ["train.steps=100000"]),

@@ -29,6 +29,7 @@ import numpy as np
 
 from perceiver_core.packing import PackingConfig
 from pipelines import storage
+from pipelines.config import ConfigError
 from pipelines.data.config import PretrainDataConfig
 from pipelines.data.readers import WHOLE_FILE, BadFileError, parquet_units
 from pipelines.data.sources import FileRef, SourceConfig, list_files, resolve_root
@@ -303,7 +304,7 @@ def run_index(cfg: PretrainDataConfig, run_dir: str) -> DataIndex:
         try:
             index.check_matches(cfg)
         except ValueError as error:
-            raise ValueError(
+            raise ConfigError(
                 f"data: {error}. The run {run_dir} was started with other data settings; "
                 "resume it with those, or start a new run.name"
             ) from error

@@ -19,7 +19,7 @@ from perceiver_core.masking import MaskingConfig
 from perceiver_core.packing import PackingConfig
 from perceiver_core.task_metrics import primary_metric
 from pipelines import storage
-from pipelines.config import config_hash
+from pipelines.config import ConfigError, config_hash
 from pipelines.data.config import MixtureConfig, PretrainDataConfig
 from pipelines.data.finetune import finetune_dataset, split_fingerprint
 from pipelines.data.sources import SourceConfig
@@ -220,7 +220,7 @@ def classifier_config(cfg: FinetuneConfig, weights: Path) -> PerceiverConfig:
     labels = cfg.data.label_name_list()
     n = cfg.data.columns().num_labels
     if cfg.data.max_length > config.max_position_embeddings:
-        raise ValueError(
+        raise ConfigError(
             f"data.max_length ({cfg.data.max_length}) exceeds the starting model's "
             f"max_position_embeddings ({config.max_position_embeddings})"
         )

@@ -24,7 +24,7 @@ from typing import Any
 from perceiver_core.config import PerceiverConfig
 from perceiver_core.hf import read_config
 from pipelines import storage
-from pipelines.config import config_hash
+from pipelines.config import ConfigError, config_hash
 from pipelines.data.feed import StreamSpec, held_out
 from pipelines.data.index import DataIndex, run_index
 from pipelines.data.pretrain import plan_stream, pretraining_dataset
@@ -173,7 +173,7 @@ def resolve_start(
     resolved = resolve_model(cfg.model.init_from, tracking_uri=tracking_uri)
     config = read_config(resolved.hf_dir)[0].replace(**cfg.model.overrides)
     if cfg.data.packing.crop_len > config.max_position_embeddings:
-        raise ValueError(
+        raise ConfigError(
             f"data.packing.crop_len ({cfg.data.packing.crop_len}) exceeds the starting model's "
             f"max_position_embeddings ({config.max_position_embeddings}) ({cfg.model.init_from})"
         )
@@ -188,14 +188,14 @@ def check_data(cfg: PretrainConfig, index: DataIndex) -> int:
     needed = cfg.train.steps * cfg.train.crops_per_step
     length = plan_stream(cfg.data, index, "train").length
     if length < needed:
-        raise ValueError(
+        raise ConfigError(
             f"data: the training stream has {length} crops and the run needs {needed} "
             f"(train.steps x {cfg.train.crops_per_step} crops per step); set "
             "data.mixture.stopping_strategy=cycle and data.mixture.max_crops, or add data"
         )
     held_out = int(index.counters("validation")["crops"])
     if held_out == 0:
-        raise ValueError("data.split.validation_fraction: the held-out split has no crops")
+        raise ConfigError("data.split.validation_fraction: the held-out split has no crops")
     if held_out < cfg.eval.crops:
         log.warning(
             "validation uses all %d held-out crops (eval.crops=%d)", held_out, cfg.eval.crops
